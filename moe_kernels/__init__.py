@@ -1,0 +1,46 @@
+"""moe_kernels: fused Mixture-of-Experts kernels for PyTorch.
+
+Every router (dense 1991 mixture, noisy top-k, softmax top-k, DeepSeek-V3 grouped
+sigmoid, Switch, Expert Choice) emits slots; one dispatch plan and one set of expert
+kernels serve them all. Backends: ``torch`` (pure PyTorch, any device), ``triton``,
+``cuda``, and ``auto``. Importing this package imports neither Triton nor
+transformers, and works without the CUDA extension.
+"""
+
+from .activations import ACTIVATIONS, Activation
+from .backends import available_backends, get_backend
+from .functional import fused_experts, moe
+from .layer import MoE, MoEConfig
+from .params import ExpertParams, expert_params
+from .plan import DispatchPlan, build_plan
+from .reference import moe_reference
+from .routing import (
+    ROUTERS,
+    Routing,
+    dense_softmax,
+    expert_choice,
+    grouped_sigmoid_topk,
+    noisy_topk,
+    route,
+    softmax_topk,
+    switch,
+    z_loss,
+)
+
+__version__ = "0.1.0"
+
+
+def replace_moe_layers(model, **kwargs):
+    """Swap the MoE blocks of ``model`` for fused ones; see
+    :func:`moe_kernels.integrations.replace.replace_moe_layers`."""
+    from .integrations.replace import replace_moe_layers as _replace
+
+    return _replace(model, **kwargs)
+
+
+__all__ = [
+    "ACTIVATIONS", "Activation", "DispatchPlan", "ExpertParams", "MoE", "MoEConfig", "ROUTERS", "Routing",
+    "available_backends", "build_plan", "dense_softmax", "expert_choice", "expert_params", "fused_experts",
+    "get_backend", "grouped_sigmoid_topk", "moe", "moe_reference", "noisy_topk", "replace_moe_layers", "route",
+    "softmax_topk", "switch", "z_loss", "__version__",
+]

@@ -1,0 +1,82 @@
+"""The fast pure-PyTorch backend: sort by expert, one matmul per expert segment.
+
+Pipeline: gather ``x`` rows into expert order (``x[slot_token[sorted_slot]]``) →
+grouped matmul with W13 (``torch._grouped_mm`` on a CUDA GPU when it supports the
+dtype, else a loop over the non-empty segments) → activation → grouped matmul with W2
+→ back to slot order → times the slot weight → per-token sum through the plan's
+``token_slots`` table (a gather and a fixed-order sum: deterministic, no atomics).
+Backward is PyTorch autograd through these ops; it saves the gathered rows and both
+matmul inputs. Runs on any device; this is also the CPU product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import apply_activation
+from ..params import ExpertParams
+from ..plan import DispatchPlan
+from .base import Backend
+
+
+def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j y[token_slots[t, j]]`` over the entries ``>= 0``, summed in
+    column order (deterministic). ``y`` [S, H] already weighted; returns [T, H]."""
+    s, h = y.shape
+    pad = torch.cat([y, y.new_zeros(1, h)])
+    idx = torch.where(token_slots < 0, torch.full_like(token_slots, s), token_slots).long()
+    return pad[idx].sum(dim=1)
+
+
+def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    return (a.is_cuda and hasattr(torch, "_grouped_mm") and a.dtype == torch.bfloat16
+            and a.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)
+
+
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:
+    """Rows of ``a`` [S, K] in expert order times ``w[e]^T`` ([E, N, K]) plus ``b[e]``;
+    rows past the valid ones (dropped slots) come out zero. Returns [S, N]."""
+    s = a.shape[0]
+    e, n, _ = w.shape
+    if _grouped_mm_ok(a, w):
+        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=plan.expert_offsets[1:])
+        pos_expert = plan.slot_expert.long()[plan.sorted_slot.long()]
+        out = torch.where((pos_expert < e).unsqueeze(1), out, out.new_zeros(()))
+        if b is not None:
+            out = out + b[pos_expert.clamp(max=e - 1)] * (pos_expert < e).unsqueeze(1).to(b.dtype)
+        return out
+    counts = plan.expert_counts.tolist()  # a host sync; the loop needs sizes
+    pieces, start = [], 0
+    for ex, c in enumerate(counts):
+        if c:
+            seg = a[start:start + c] @ w[ex].t()
+            pieces.append(seg + b[ex] if b is not None else seg)
+            start += c
+    if start < s:
+        pieces.append(a.new_zeros(s - start, n))
+    return torch.cat(pieces) if pieces else a.new_zeros(0, n)
+
+
+def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
+    """The expert computation of the torch backend; same signature as every backend's."""
+    t, h = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if plan.num_slots == 0:
+        return x.new_zeros(t, h) + 0 * x  # keeps autograd connected for T > 0 with no slots
+    rows = x.index_select(0, plan.slot_token.index_select(0, plan.sorted_slot).long())
+    h13 = grouped_linear(rows, params.w13, params.b13, plan)
+    hidden = apply_activation(h13, params.activation, params.interleaved)
+    y = grouped_linear(hidden, params.w2, params.b2, plan)
+    y_slot = y.index_select(0, plan.slot_position.long()).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
+    return combine_slots(y_slot, plan.token_slots).to(x.dtype)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return None
+
+    def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
+        return experts_torch(x, plan, params)

@@ -1,0 +1,105 @@
+"""The functional API: :func:`fused_experts` (slots in, output out) and :func:`moe`
+(router logits in, output out).
+
+Both validate every argument up front (``ValueError`` naming the argument), pick the
+backend, build the dispatch plan and run the experts. ``T = 0`` returns an empty
+``[0, H]`` output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from .activations import Activation
+from .backends import get_backend
+from .params import ExpertParams, expert_params
+from .routing import Routing
+
+__all__ = ["fused_experts", "moe", "check_inputs"]
+
+
+def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
+    """Check ``x`` [T, H] against the expert weights and (optionally) the routing."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_same_dtype([("x", x), ("w13", params.w13)])
+    check_same_device([("x", x), ("w13", params.w13)])
+    if x.shape[1] != params.hidden_size:
+        raise ValueError(f"x: expected hidden size {params.hidden_size} (from w13), got shape {tuple(x.shape)}")
+    if routing is not None:
+        if routing.num_tokens != x.shape[0]:
+            raise ValueError(f"routing: expected num_tokens = {x.shape[0]} (rows of x), got {routing.num_tokens}")
+        if routing.num_experts != params.num_experts:
+            raise ValueError(f"routing: expected num_experts = {params.num_experts} (from w13), got {routing.num_experts}")
+        check_same_device([("x", x), ("routing.slot_token", routing.slot_token)])
+
+
+def fused_experts(
+    x: torch.Tensor,
+    routing: Routing,
+    w13: torch.Tensor | ExpertParams,
+    w2: torch.Tensor | None = None,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    activation: str | Activation = "swiglu",
+    transposed: bool = False,
+    interleaved: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``out[t] = sum over slots s of t of  w[s] * Expert_{e[s]}(x[t])``.
+
+    Args:
+        x: [T, H] activations.
+        routing: slots from any router (:mod:`moe_kernels.routing`).
+        w13, w2, b13, b2: expert weights, layouts as in :func:`expert_params`; or pass an
+            :class:`ExpertParams` as ``w13`` and leave the rest unset.
+        activation: name or :class:`Activation` (``"swiglu"``, ``"swiglu_oai"``, ...).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        [T, H] in ``x``'s dtype, differentiable in ``x``, the weights and
+        ``routing.slot_weight``.
+    """
+    params = w13 if isinstance(w13, ExpertParams) else expert_params(
+        w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
+    check_inputs(x, params, routing)
+    impl = get_backend(backend, x.device)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, x.shape[1])
+    plan = impl.plan(routing, params)
+    return impl.experts(x, plan, params)
+
+
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    router: str = "softmax_topk",
+    activation: str | Activation = "swiglu",
+    transposed: bool = False,
+    interleaved: bool = False,
+    backend: str = "auto",
+    return_routing: bool = False,
+    **router_options,
+):
+    """One MoE layer from router logits: route, then :func:`fused_experts`.
+
+    ``router`` names a router of :mod:`moe_kernels.routing` and ``router_options`` are
+    its keyword arguments (``top_k=2``, ``renormalize=False``, ``capacity_factor=1.25``,
+    ``bias=...``, ``n_group=8``, ...). With ``return_routing=True`` returns
+    ``(out, routing)`` so the caller can read the aux losses in ``routing.losses``."""
+    params = expert_params(w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
+    check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    check_inputs(x, params)
+    if router_logits.shape != (x.shape[0], params.num_experts):
+        raise ValueError(f"router_logits: expected shape ({x.shape[0]}, {params.num_experts}) "
+                         f"(tokens of x, experts of w13), got {tuple(router_logits.shape)}")
+    impl = get_backend(backend, x.device)
+    routing = impl.route(router_logits, router, router_options)
+    out = x.new_zeros(0, x.shape[1]) if x.shape[0] == 0 else impl.experts(x, impl.plan(routing, params), params)
+    return (out, routing) if return_routing else out

@@ -1,0 +1,190 @@
+"""The MoE layer: router + experts + aux losses, as an ``nn.Module``.
+
+``MoE(hidden_size=..., intermediate_size=..., num_experts=..., top_k=..., router=...)``
+takes ``[..., H]`` and returns ``[..., H]``. After each forward, ``layer.losses`` holds
+the router's unweighted aux losses (and ``z_loss``), and ``layer.aux_loss`` their sum
+weighted by the config's coefficients, ready to add to the training loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ._checks import check_int, check_positive_float
+from .activations import Activation
+from .backends import BACKEND_NAMES, get_backend
+from .functional import check_inputs
+from .params import expert_params
+from .routing import ROUTERS, Routing, z_loss
+
+__all__ = ["MoE", "MoEConfig"]
+
+
+@dataclass
+class MoEConfig:
+    """Everything that defines a MoE layer.
+
+    Router options: ``top_k`` (top-k routers), ``renormalize`` (softmax top-k and
+    grouped sigmoid), ``n_group``, ``topk_group``, ``routed_scaling_factor`` and the
+    per-expert selection bias buffer (grouped sigmoid), ``capacity_factor`` (Switch:
+    ``None`` drops nothing; Expert Choice), ``jitter_eps`` (Switch: multiplies the
+    router input by U(1-eps, 1+eps) while training), ``noise`` (noisy top-k).
+
+    Loss coefficients: ``aux_loss_coef`` weighs the router's balancing losses
+    (``load_balancing``; ``importance`` and ``load`` for noisy top-k), ``z_loss_coef``
+    the router z-loss."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int = 2
+    router: str = "softmax_topk"
+    activation: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+    bias: bool = False
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    capacity_factor: float | None = 1.0
+    jitter_eps: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_int("hidden_size", self.hidden_size, low=1)
+        check_int("intermediate_size", self.intermediate_size, low=1)
+        check_int("num_experts", self.num_experts, low=1)
+        if self.router not in ROUTERS:
+            raise ValueError(f"router: expected one of {sorted(ROUTERS)}, got {self.router!r}")
+        if self.router in ("softmax_topk", "grouped_sigmoid_topk", "noisy_topk"):
+            check_int("top_k", self.top_k, low=1, high=self.num_experts)
+        Activation(self.activation, self.alpha, self.limit)
+        if self.router == "expert_choice" or (self.router == "switch" and self.capacity_factor is not None):
+            check_positive_float("capacity_factor", self.capacity_factor)
+        if not (0.0 <= self.jitter_eps < 1.0):
+            raise ValueError(f"jitter_eps: expected 0 <= jitter_eps < 1, got {self.jitter_eps}")
+        if self.backend not in ("auto", *BACKEND_NAMES):
+            raise ValueError(f"backend: expected one of {['auto', *BACKEND_NAMES]}, got {self.backend!r}")
+        if self.router == "grouped_sigmoid_topk":
+            check_int("n_group", self.n_group, low=1)
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group: expected a divisor of num_experts={self.num_experts}, got {self.n_group}")
+            check_int("topk_group", self.topk_group, low=1, high=self.n_group)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts layer with a fused expert computation.
+
+    Parameters: ``router_weight`` [E, H] (the router's linear map), ``w13`` [E, n*I, H]
+    (gate and up rows; ``n = 2`` gated, 1 plain), ``w2`` [E, H, I], optional ``b13``
+    [E, n*I] and ``b2`` [E, H]; ``noise_weight`` [E, H] for noisy top-k; buffer
+    ``selection_bias`` [E] for grouped sigmoid (DeepSeek-V3's
+    ``e_score_correction_bias``, updated by the user's balancing rule, never by
+    gradients).
+
+    Example::
+
+        layer = MoE(hidden_size=512, intermediate_size=1024, num_experts=8, top_k=2)
+        y = layer(x)                      # x: [batch, seq, 512]
+        loss = task_loss(y) + layer.aux_loss
+    """
+
+    def __init__(self, config: MoEConfig | None = None, *, device=None, dtype=None, **kwargs) -> None:
+        super().__init__()
+        if config is None:
+            config = MoEConfig(**kwargs)
+        elif kwargs:
+            raise ValueError(f"pass either config or keyword options, not both (got {sorted(kwargs)})")
+        self.config = config
+        c = config
+        act = Activation(c.activation, c.alpha, c.limit)
+        self.activation = act
+        factory = {"device": device, "dtype": dtype}
+        e, h, i = c.num_experts, c.hidden_size, c.intermediate_size
+        self.router_weight = nn.Parameter(torch.empty(e, h, **factory))
+        self.noise_weight = nn.Parameter(torch.zeros(e, h, **factory)) if c.router == "noisy_topk" else None
+        if c.router == "grouped_sigmoid_topk":
+            self.register_buffer("selection_bias", torch.zeros(e, device=device, dtype=torch.float32))
+        else:
+            self.selection_bias = None
+        n = act.width_factor
+        self.w13 = nn.Parameter(torch.empty(e, n * i, h, **factory))
+        self.w2 = nn.Parameter(torch.empty(e, h, i, **factory))
+        self.b13 = nn.Parameter(torch.zeros(e, n * i, **factory)) if c.bias else None
+        self.b2 = nn.Parameter(torch.zeros(e, h, **factory)) if c.bias else None
+        self.losses: dict[str, torch.Tensor] = {}
+        self.aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        h, i = self.config.hidden_size, self.config.intermediate_size
+        nn.init.normal_(self.router_weight, std=1.0 / math.sqrt(h))
+        nn.init.normal_(self.w13, std=1.0 / math.sqrt(h))
+        nn.init.normal_(self.w2, std=1.0 / math.sqrt(i))
+        for b in (self.b13, self.b2):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden_size={c.hidden_size}, intermediate_size={c.intermediate_size}, num_experts={c.num_experts}, "
+                f"router={c.router!r}, top_k={c.top_k}, activation={c.activation!r}, backend={c.backend!r}")
+
+    def router_options(self) -> dict:
+        c = self.config
+        if c.router == "softmax_topk":
+            return {"top_k": c.top_k, "renormalize": c.renormalize}
+        if c.router == "grouped_sigmoid_topk":
+            return {"top_k": c.top_k, "bias": self.selection_bias, "n_group": c.n_group, "topk_group": c.topk_group,
+                    "routed_scaling_factor": c.routed_scaling_factor, "renormalize": c.renormalize}
+        if c.router == "switch":
+            return {"capacity_factor": c.capacity_factor}
+        if c.router == "expert_choice":
+            return {"capacity_factor": c.capacity_factor}
+        return {}
+
+    def route(self, x2d: torch.Tensor) -> Routing:
+        """Router logits and routing for ``x2d`` [T, H] (training-mode noise included)."""
+        c = self.config
+        router_in = x2d
+        if c.router == "switch" and self.training and c.jitter_eps > 0:
+            router_in = x2d * torch.empty_like(x2d).uniform_(1.0 - c.jitter_eps, 1.0 + c.jitter_eps)
+        logits = router_in @ self.router_weight.t()
+        backend = get_backend(c.backend, x2d.device)
+        if c.router == "noisy_topk":
+            from .routing import noisy_topk
+            routing = noisy_topk(logits, c.top_k, noise_logits=x2d @ self.noise_weight.t(), training=self.training)
+        else:
+            routing = backend.route(logits, c.router, self.router_options())
+        if c.z_loss_coef:
+            routing.losses["z_loss"] = z_loss(logits)
+        return routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if x.shape[-1] != c.hidden_size:
+            raise ValueError(f"x: expected last dimension hidden_size={c.hidden_size}, got shape {tuple(x.shape)}")
+        x2d = x.reshape(-1, c.hidden_size).contiguous()
+        params = expert_params(self.w13, self.w2, self.b13, self.b2, activation=self.activation)
+        check_inputs(x2d, params)
+        backend = get_backend(c.backend, x2d.device)
+        routing = self.route(x2d)
+        if x2d.shape[0] == 0:
+            out = x2d.new_zeros(0, c.hidden_size)
+        else:
+            out = backend.experts(x2d, backend.plan(routing, params), params)
+        self.losses = routing.losses
+        balance = sum((v for k, v in routing.losses.items() if k in ("load_balancing", "importance", "load")),
+                      start=x2d.new_zeros((), dtype=torch.float32))
+        self.aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * routing.losses.get("z_loss", 0.0)
+        return out.reshape(x.shape)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,107 @@
+"""Expert weights, validated once and normalised to one logical layout.
+
+Users hand weights in the layout their model stores (see :func:`expert_params`);
+every backend sees :class:`ExpertParams`, whose ``w13`` is *logically*
+``[E, n*I, H]`` and ``w2`` logically ``[E, H, I]`` (``n = 2`` gated, 1 plain). A
+transposed storage becomes a transposed *view*, never a copy: the torch backend's
+matmuls and the Triton kernels take strides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from .activations import Activation
+
+__all__ = ["ExpertParams", "expert_params"]
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertParams:
+    """Validated expert weights.
+
+    ``w13`` [E, n*I, H] and ``w2`` [E, H, I] (possibly strided views), ``b13`` [E, n*I]
+    and ``b2`` [E, H] or None, one dtype and device. ``interleaved`` says W13's gate and
+    up rows alternate (GPT-OSS) instead of being concatenated (gate rows, then up)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    b13: torch.Tensor | None
+    b2: torch.Tensor | None
+    activation: Activation
+    interleaved: bool = False
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w2.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w13.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+
+def expert_params(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    activation: str | Activation = "swiglu",
+    transposed: bool = False,
+    interleaved: bool = False,
+) -> ExpertParams:
+    """Validate expert weights and build :class:`ExpertParams`.
+
+    Storage layouts accepted (``n = 2`` for gated activations, 1 for plain):
+
+    * ``transposed=False`` (HF transformers 5): ``w13`` [E, n*I, H] (``gate_up_proj``),
+      ``w2`` [E, H, I] (``down_proj``).
+    * ``transposed=True`` (GPT-OSS, some 4.x ports): ``w13`` [E, H, n*I], ``w2`` [E, I, H].
+    * ``interleaved=True``: W13's gate and up rows alternate (gate 0, up 0, gate 1, ...).
+
+    Every tensor must be contiguous in its storage layout; a non-contiguous tensor is an
+    error rather than a silent copy per call."""
+    act = Activation.of(activation)
+    check_tensor("w13", w13, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("w2", w2, ndim=3, dtypes=FLOAT_DTYPES)
+    check_same_dtype([("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2)])
+    check_same_device([("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2)])
+    if transposed:
+        w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
+    e, n_i, h = w13.shape
+    n = act.width_factor
+    if w2.shape[0] != e or w2.shape[1] != h:
+        want = f"[{e}, {h}, I]" if not transposed else f"[{e}, I, {h}]"
+        got = tuple(w2.shape) if not transposed else tuple(w2.transpose(1, 2).shape)
+        raise ValueError(f"w2: expected shape {want} to match w13 (E={e}, H={h}), got {got}")
+    i = w2.shape[2]
+    if n_i != n * i:
+        what = f"2*I = {2 * i} rows (gate and up) for gated activation {act.name!r}" if n == 2 else \
+            f"I = {i} rows for plain activation {act.name!r}"
+        raise ValueError(f"w13: expected {what}, got {n_i}")
+    if interleaved and not act.gated:
+        raise ValueError(f"interleaved: only meaningful for gated activations, got activation {act.name!r}")
+    if b13 is not None:
+        check_tensor("b13", b13, ndim=2)
+        if tuple(b13.shape) != (e, n_i):
+            raise ValueError(f"b13: expected shape ({e}, {n_i}), got {tuple(b13.shape)}")
+    if b2 is not None:
+        check_tensor("b2", b2, ndim=2)
+        if tuple(b2.shape) != (e, h):
+            raise ValueError(f"b2: expected shape ({e}, {h}), got {tuple(b2.shape)}")
+    return ExpertParams(w13, w2, b13, b2, act, interleaved)

@@ -1,0 +1,244 @@
+"""The dispatch plan: where each slot's row goes, in pure PyTorch.
+
+:func:`build_plan` turns a :class:`~moe_kernels.routing.Routing` into a
+:class:`DispatchPlan`: slots sorted by expert (for grouped GEMMs over contiguous
+segments), the same order padded per expert to ``block_m`` rows with a block→expert
+map (so a GEMM kernel's row block never straddles two experts), and a token→slots
+table for a deterministic per-token combine.
+
+Every size is a worst-case bound computed from ``S``, ``E`` and ``block_m`` alone,
+never from the data, so building a plan on a GPU needs no host synchronisation and
+can be captured in a CUDA graph. Blocks past the last used one are marked ``-1`` and
+skipped by the kernels.
+
+The Triton and CUDA backends build the same plan with their own kernels; this module
+is their pure-PyTorch twin (``build_plan_torch``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_int, value_checks_enabled
+from .routing import Routing
+
+__all__ = ["DispatchPlan", "build_plan", "build_plan_torch", "max_padded_rows"]
+
+
+def max_padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Worst-case rows after padding every expert's segment to a multiple of
+    ``block_m``: each non-empty expert (at most ``min(E, S)`` of them) wastes at most
+    ``block_m - 1`` rows, and the total is a multiple of ``block_m``."""
+    bound = num_slots + min(num_experts, num_slots) * (block_m - 1)
+    return (bound // block_m) * block_m
+
+
+@dataclass(frozen=True, eq=False)
+class DispatchPlan:
+    """How slots map to expert segments and back to tokens.
+
+    Shapes (``S`` slots, ``E`` experts, ``T`` tokens, ``K = max_slots_per_token``,
+    ``P = max_padded_rows(S, E, block_m)``, ``B = P // block_m``); all index tensors
+    int32 on the routing's device:
+
+    ================  =========  ==========================================================
+    field             shape      meaning
+    ================  =========  ==========================================================
+    slot_token        [S]        token of each slot (from the routing)
+    slot_expert       [S]        expert of each slot; ``E`` = dropped
+    slot_weight       [S]        weight of each slot (differentiable; 0 for dropped)
+    expert_counts     [E]        valid slots per expert
+    expert_offsets    [E+1]      exclusive prefix sum of ``expert_counts``;
+                                 ``expert_offsets[E]`` = number of valid slots ``V``
+    sorted_slot       [S]        the sort permutation: position → slot, by expert then
+                                 slot id (stable); positions ``>= V`` hold dropped slots
+    slot_position     [S]        its inverse: slot → position
+    padded_offsets    [E+1]      start row of each expert in the padded order; each
+                                 segment is ``expert_counts`` rounded up to ``block_m``
+    padded_slot       [P]        padded row → slot, ``-1`` for padding and unused rows
+    block_expert      [B]        row block → expert, ``-1`` past the last used block
+    token_slots       [T, K]     token → its valid slots in increasing slot order,
+                                 ``-1`` where it has fewer than ``K``
+    ================  =========  ==========================================================
+
+    Invariants (checked in ``__post_init__``: shapes and dtypes always; values on the CPU
+    or with ``MOE_KERNELS_DEBUG=1``):
+
+    1. ``sum(expert_counts) == V`` = number of slots with ``slot_expert < E``.
+    2. ``sorted_slot`` is a permutation of ``0..S-1``; ``slot_position[sorted_slot[p]] == p``.
+    3. ``slot_expert[sorted_slot[p]] == e`` for ``expert_offsets[e] <= p < expert_offsets[e+1]``.
+    4. ``padded_offsets[e+1] - padded_offsets[e] == ceil(expert_counts[e] / block_m) * block_m``.
+    5. ``padded_slot[padded_offsets[e] + r] == sorted_slot[expert_offsets[e] + r]`` for
+       ``r < expert_counts[e]``; every other padded row is ``-1``.
+    6. ``block_expert[b] == e`` iff block ``b`` lies in expert ``e``'s padded segment.
+    7. Each valid slot appears exactly once in ``token_slots``, in its token's row.
+    """
+
+    num_tokens: int
+    num_experts: int
+    block_m: int
+    max_slots_per_token: int
+    slot_token: torch.Tensor
+    slot_expert: torch.Tensor
+    slot_weight: torch.Tensor
+    expert_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    sorted_slot: torch.Tensor
+    slot_position: torch.Tensor
+    padded_offsets: torch.Tensor
+    padded_slot: torch.Tensor
+    block_expert: torch.Tensor
+    token_slots: torch.Tensor
+    top_k: int | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_token.shape[0]
+
+    @property
+    def num_padded_rows(self) -> int:
+        return self.padded_slot.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+    def __post_init__(self) -> None:
+        s, e, t, k = self.num_slots, self.num_experts, self.num_tokens, self.max_slots_per_token
+        check_int("block_m", self.block_m, low=1)
+        p = max_padded_rows(s, e, self.block_m)
+        shapes = {
+            "slot_token": (s,), "slot_expert": (s,), "slot_weight": (s,),
+            "expert_counts": (e,), "expert_offsets": (e + 1,), "sorted_slot": (s,),
+            "slot_position": (s,), "padded_offsets": (e + 1,), "padded_slot": (p,),
+            "block_expert": (p // self.block_m,), "token_slots": (t, k),
+        }
+        dev = self.slot_token.device
+        for name, shape in shapes.items():
+            v = getattr(self, name)
+            if tuple(v.shape) != shape:
+                raise ValueError(f"DispatchPlan.{name}: expected shape {shape}, got {tuple(v.shape)}")
+            if name != "slot_weight" and v.dtype != torch.int32:
+                raise ValueError(f"DispatchPlan.{name}: expected int32, got {v.dtype}")
+            if v.device != dev:
+                raise ValueError(f"DispatchPlan.{name}: expected device {dev}, got {v.device}")
+        if value_checks_enabled(self.slot_token):
+            self.check_values()
+
+    def check_values(self) -> None:
+        """Check invariants 1-7 on the data (synchronises with the device)."""
+        s, e, bm = self.num_slots, self.num_experts, self.block_m
+        dev = self.slot_token.device
+
+        def fail(what: str) -> None:
+            raise ValueError(f"DispatchPlan: invariant violated: {what}")
+
+        se = self.slot_expert.long()
+        valid = se < e
+        v = int(valid.sum())
+        counts = self.expert_counts.long()
+        if int(counts.sum()) != v or (counts < 0).any():
+            fail("sum(expert_counts) == number of valid slots")
+        if not torch.equal(torch.bincount(se[valid], minlength=e)[:e], counts):
+            fail("expert_counts[e] == slots routed to e")
+        offs = self.expert_offsets.long()
+        if int(offs[0]) != 0 or not torch.equal(offs[1:], torch.cumsum(counts, 0)):
+            fail("expert_offsets is the exclusive prefix sum of expert_counts")
+        perm = self.sorted_slot.long()
+        if s and not torch.equal(torch.sort(perm).values, torch.arange(s, device=dev)):
+            fail("sorted_slot is a permutation")
+        if s and not torch.equal(self.slot_position.long()[perm], torch.arange(s, device=dev)):
+            fail("slot_position is the inverse of sorted_slot")
+        pos_expert = torch.full((s,), e, dtype=torch.long, device=dev)
+        for x in range(e):
+            pos_expert[offs[x]:offs[x + 1]] = x
+        if not torch.equal(se[perm], pos_expert):
+            fail("sorted_slot groups slots by expert, dropped last")
+        padded_counts = (counts + bm - 1) // bm * bm
+        poffs = self.padded_offsets.long()
+        if int(poffs[0]) != 0 or not torch.equal(poffs[1:], torch.cumsum(padded_counts, 0)):
+            fail("padded_offsets is the prefix sum of counts rounded up to block_m")
+        expected_rows = torch.full((self.num_padded_rows,), -1, dtype=torch.long, device=dev)
+        expected_blocks = torch.full((self.num_blocks,), -1, dtype=torch.long, device=dev)
+        for x in range(e):
+            c = int(counts[x])
+            expected_rows[poffs[x]:poffs[x] + c] = perm[offs[x]:offs[x] + c]
+            expected_blocks[poffs[x] // bm:poffs[x + 1] // bm] = x
+        if not torch.equal(self.padded_slot.long(), expected_rows):
+            fail("padded_slot holds each expert's slots at its padded offset, -1 elsewhere")
+        if not torch.equal(self.block_expert.long(), expected_blocks):
+            fail("block_expert maps each used block to its expert, -1 past the end")
+        table = self.token_slots.long()
+        present = table[table >= 0]
+        if present.numel() != v or not torch.equal(torch.sort(present).values, torch.nonzero(valid).flatten()):
+            fail("token_slots lists every valid slot exactly once")
+        rows = torch.arange(self.num_tokens, device=dev).unsqueeze(1).expand_as(table)
+        if not torch.equal(self.slot_token.long()[present], rows[table >= 0]):
+            fail("token_slots[t] holds slots of token t")
+
+
+def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
+    """Build the :class:`DispatchPlan` of ``routing`` with ordinary torch ops (no host
+    synchronisation on a GPU). The reference for the Triton and CUDA plan kernels."""
+    check_int("block_m", block_m, low=1)
+    e, t = routing.num_experts, routing.num_tokens
+    s, k = routing.num_slots, routing.max_slots_per_token
+    dev = routing.slot_token.device
+    i32 = torch.int32
+    se = routing.slot_expert.long()
+    valid = se < e
+
+    counts_all = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, se, torch.ones_like(se))
+    counts = counts_all[:e]
+    offsets = torch.zeros(e + 1, dtype=torch.long, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_expert, perm = torch.sort(se, stable=True)
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(s, device=dev)
+
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    poffs = torch.zeros(e + 1, dtype=torch.long, device=dev)
+    poffs[1:] = torch.cumsum(padded_counts, 0)
+    p = max_padded_rows(s, e, block_m)
+    # Sorted position q of expert x lands on padded row poffs[x] + (q - offsets[x]);
+    # dropped positions land on the dump row p, sliced off.
+    clamp_expert = sorted_expert.clamp(max=e - 1)
+    rows = poffs[clamp_expert] + torch.arange(s, device=dev) - offsets[clamp_expert]
+    rows = torch.where(sorted_expert < e, rows, torch.full_like(rows, p))
+    padded_slot = torch.full((p + 1,), -1, dtype=torch.long, device=dev).scatter_(0, rows, perm)[:p]
+
+    nb = p // block_m
+    block_start = torch.arange(nb, device=dev) * block_m
+    block_expert = torch.searchsorted(poffs[1:].contiguous(), block_start, right=True)
+    block_expert = torch.where(block_expert < e, block_expert, torch.full_like(block_expert, -1))
+
+    if routing.top_k is not None:
+        slots = torch.arange(s, device=dev)
+        token_slots = torch.where(valid, slots, torch.full_like(slots, -1)).view(t, routing.top_k)
+        if routing.top_k < k:
+            token_slots = torch.cat([token_slots, token_slots.new_full((t, k - routing.top_k), -1)], 1)
+    else:
+        # Stable sort by token (dropped slots keyed past the end), then rank within token.
+        key = torch.where(valid, routing.slot_token.long(), torch.full_like(se, t))
+        key_sorted, by_token = torch.sort(key, stable=True)
+        tok_counts = torch.zeros(t + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+        tok_offsets = torch.cumsum(tok_counts, 0) - tok_counts
+        rank = torch.arange(s, device=dev) - tok_offsets[key_sorted]
+        cell = torch.where(key_sorted < t, key_sorted * k + rank, torch.full_like(rank, t * k))
+        token_slots = torch.full((t * k + 1,), -1, dtype=torch.long, device=dev).scatter_(0, cell, by_token)[:t * k]
+        token_slots = token_slots.view(t, k)
+
+    return DispatchPlan(
+        num_tokens=t, num_experts=e, block_m=block_m, max_slots_per_token=k,
+        slot_token=routing.slot_token, slot_expert=routing.slot_expert, slot_weight=routing.slot_weight,
+        expert_counts=counts.to(i32), expert_offsets=offsets.to(i32), sorted_slot=perm.to(i32),
+        slot_position=position.to(i32), padded_offsets=poffs.to(i32), padded_slot=padded_slot.to(i32),
+        block_expert=block_expert.to(i32), token_slots=token_slots.to(i32).contiguous(), top_k=routing.top_k,
+    )
+
+
+def build_plan(routing: Routing, block_m: int = 64) -> DispatchPlan:
+    """Build the dispatch plan (pure PyTorch; backends with plan kernels use their own)."""
+    return build_plan_torch(routing, block_m)

@@ -1,0 +1,403 @@
+"""Routers: from router logits to *slots*, in pure PyTorch.
+
+Every router returns a :class:`Routing`: ``S`` slots, each a (token, expert, weight)
+triple. After routing, the expert computation sees only slots, so one set of kernels
+serves every router of the field:
+
+===========================  ==========================================  ==================
+router                       source                                      slots
+===========================  ==========================================  ==================
+:func:`dense_softmax`        Jacobs, Jordan, Nowlan, Hinton 1991         S = T*E, s = t*E+e
+:func:`noisy_topk`           Shazeer et al. 2017                         S = T*k, s = t*k+j
+:func:`softmax_topk`         Mixtral, Qwen-MoE, OLMoE                    S = T*k, s = t*k+j
+:func:`grouped_sigmoid_topk` DeepSeek-V3                                 S = T*k, s = t*k+j
+:func:`switch`               Fedus et al. 2021 (Switch Transformer)      S = T,   s = t
+:func:`expert_choice`        Zhou et al. 2022                            S = E*C, s = e*C+c
+===========================  ==========================================  ==================
+
+A slot whose expert is the sentinel ``E`` (``num_experts``) is *dropped*: it has
+weight 0 and the dispatch plan skips it (Switch tokens over capacity). Gradients reach
+the router logits through ``slot_weight``; expert ids carry no gradient.
+
+Aux losses are returned in ``Routing.losses`` (unweighted); :func:`z_loss` is the
+ST-MoE router z-loss and applies to any router.
+
+Routing math runs in float32 (or float64 if the logits are float64) whatever the
+activation dtype: softmax over bf16 logits picks different experts than the
+reference implementations do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_finite, check_int, check_positive_float, check_tensor, value_checks_enabled
+
+__all__ = [
+    "Routing",
+    "ROUTERS",
+    "route",
+    "softmax_topk",
+    "grouped_sigmoid_topk",
+    "noisy_topk",
+    "switch",
+    "expert_choice",
+    "dense_softmax",
+    "z_loss",
+    "switch_load_balancing_loss",
+    "cv_squared",
+    "expert_choice_capacity",
+    "switch_capacity",
+]
+
+
+@dataclass
+class Routing:
+    """The output of every router: ``S`` slots of (token, expert, weight).
+
+    Invariants (checked in ``__post_init__``; value checks on the CPU or with
+    ``MOE_KERNELS_DEBUG=1``):
+
+    * ``slot_token``, ``slot_expert``: int32, shape ``[S]``, on one device;
+      ``0 <= slot_token < num_tokens`` and ``0 <= slot_expert <= num_experts``
+      (``num_experts`` is the *dropped* sentinel).
+    * ``slot_weight``: floating, shape ``[S]``; dropped slots have weight 0.
+    * ``max_slots_per_token`` bounds how many slots share one token (``k`` for
+      top-k, 1 for Switch, ``E`` for dense and expert choice); the combine uses it.
+    * ``top_k``: set when slots are laid out token-major, ``s = t*top_k + j``
+      (top-k, dense, Switch with ``top_k=1``); ``None`` for expert choice.
+    """
+
+    slot_token: torch.Tensor
+    slot_expert: torch.Tensor
+    slot_weight: torch.Tensor
+    num_tokens: int
+    num_experts: int
+    max_slots_per_token: int
+    top_k: int | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_tensor("slot_token", self.slot_token, ndim=1, dtypes=(torch.int32,))
+        check_tensor("slot_expert", self.slot_expert, ndim=1, dtypes=(torch.int32,))
+        check_tensor("slot_weight", self.slot_weight, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        s = self.slot_token.shape[0]
+        for name in ("slot_expert", "slot_weight"):
+            t = getattr(self, name)
+            if t.shape[0] != s:
+                raise ValueError(f"{name}: expected {s} slots like slot_token, got {t.shape[0]}")
+            if t.device != self.slot_token.device:
+                raise ValueError(f"{name}: expected device {self.slot_token.device}, got {t.device}")
+        check_int("num_tokens", self.num_tokens, low=0)
+        check_int("num_experts", self.num_experts, low=1)
+        check_int("max_slots_per_token", self.max_slots_per_token, low=1)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, low=1)
+            if s != self.num_tokens * self.top_k:
+                raise ValueError(f"top_k: token-major layout needs S = T*top_k = {self.num_tokens * self.top_k}, got S = {s}")
+        if value_checks_enabled(self.slot_token) and s:
+            if int(self.slot_token.min()) < 0 or int(self.slot_token.max()) >= self.num_tokens:
+                raise ValueError(f"slot_token: expected values in [0, {self.num_tokens}), got range "
+                                 f"[{int(self.slot_token.min())}, {int(self.slot_token.max())}]")
+            if int(self.slot_expert.min()) < 0 or int(self.slot_expert.max()) > self.num_experts:
+                raise ValueError(f"slot_expert: expected values in [0, {self.num_experts}] ({self.num_experts} = dropped), "
+                                 f"got range [{int(self.slot_expert.min())}, {int(self.slot_expert.max())}]")
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_token.shape[0]
+
+    @classmethod
+    def from_topk(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                  losses: dict | None = None) -> "Routing":
+        """Build token-major slots from ``[T, k]`` expert ids and weights (any router
+        computed elsewhere, e.g. a HF model's own router). Ids ``>= num_experts`` or
+        negative (expert-parallel sentinels) become dropped slots."""
+        check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), contiguous=False)
+        check_tensor("topk_weights", topk_weights, ndim=2, contiguous=False)
+        if topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"topk_weights: expected shape {tuple(topk_ids.shape)} like topk_ids, got {tuple(topk_weights.shape)}")
+        t, k = topk_ids.shape
+        if k < 1:
+            raise ValueError("topk_ids: expected at least one expert per token (shape [T, k] with k >= 1)")
+        ids = topk_ids.reshape(-1)
+        dropped = (ids < 0) | (ids >= num_experts)
+        ids = torch.where(dropped, torch.full_like(ids, num_experts), ids).to(torch.int32)
+        w = topk_weights.reshape(-1)
+        w = torch.where(dropped, torch.zeros_like(w), w)
+        token = torch.arange(t, device=ids.device, dtype=torch.int32).repeat_interleave(k)
+        return cls(token, ids, w, t, num_experts, k, top_k=k, losses=dict(losses or {}))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _route_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int]:
+    check_tensor(name, logits, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    check_finite(name, logits)
+    t, e = logits.shape
+    if e < 1:
+        raise ValueError(f"{name}: expected at least one expert (shape [T, E] with E >= 1), got {tuple(logits.shape)}")
+    return t, e
+
+
+def _token_major(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, losses: dict) -> Routing:
+    t, k = ids.shape
+    token = torch.arange(t, device=ids.device, dtype=torch.int32).repeat_interleave(k)
+    return Routing(token, ids.reshape(-1).to(torch.int32), weights.reshape(-1), t, num_experts, k, top_k=k, losses=losses)
+
+
+def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation, ``var(x) / (mean(x)^2 + eps)`` (unbiased
+    variance), the balance measure of Shazeer et al. 2017. 0 for a single value."""
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var() / (x.mean() ** 2 + eps)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): ``mean_t logsumexp(logits[t])^2``.
+
+    Penalises large router logits, which keeps the router's softmax numerically
+    stable in low precision. Returns 0 for T = 0."""
+    _check_logits(logits)
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=_route_dtype(logits))
+    return torch.logsumexp(logits.to(_route_dtype(logits)), dim=-1).square().mean()
+
+
+def switch_load_balancing_loss(probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balancing loss: ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of tokens whose argmax expert is ``i`` (counted before
+    capacity dropping, as in the paper), ``P_i`` the mean router probability of
+    expert ``i``. Equals 1 under perfectly uniform routing."""
+    t, e = probs.shape
+    if t == 0:
+        return probs.new_zeros(())
+    f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
+        0, expert.long(), torch.ones_like(expert, dtype=probs.dtype)) / t
+    return e * torch.sum(f * probs.mean(dim=0))
+
+
+# --------------------------------------------------------------------------- routers
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+    """Softmax top-k (Mixtral; Qwen-MoE with ``norm_topk_prob``; OLMoE without).
+
+    ``p = softmax(logits)``; keep the ``k`` largest ``p[t, e]`` (ties: lowest expert
+    index first, as ``torch.topk``); ``w = p / sum_j p_j`` over the kept ones when
+    ``renormalize``, else ``w = p``. Losses: ``load_balancing`` (Switch form over the
+    top-k assignments, as Mixtral and OLMoE train with)."""
+    t, e = _check_logits(logits)
+    check_int("top_k", top_k, low=1, high=e)
+    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    losses = {}
+    if t:
+        # Mixtral's form: f counts every top-k assignment, divided by T*k.
+        f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
+            0, ids.reshape(-1), torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device)) / (t * top_k)
+        losses["load_balancing"] = e * torch.sum(f * probs.mean(dim=0))
+    return _token_major(ids, w, e, losses)
+
+
+def grouped_sigmoid_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+    renormalize: bool = True,
+) -> Routing:
+    """Sigmoid scores, selection bias and grouped top-k (DeepSeek-V3).
+
+    ``s = sigmoid(logits)``; the choice score is ``c = s + bias`` (the per-expert
+    ``e_score_correction_bias`` of auxiliary-loss-free balancing). Experts form
+    ``n_group`` equal groups; a group scores the sum of its two best ``c`` (its best one
+    if a group has a single expert); the ``topk_group`` best groups stay, the others are
+    masked; the ``k`` best ``c`` among the rest are chosen. The weights come from ``s``,
+    never from ``c``: ``w = s / sum_j s_j`` over the chosen when ``renormalize``, then
+    ``w *= routed_scaling_factor``. The bias changes which experts are chosen, never
+    their weights."""
+    t, e = _check_logits(logits)
+    check_int("top_k", top_k, low=1, high=e)
+    check_int("n_group", n_group, low=1, high=e)
+    if e % n_group:
+        raise ValueError(f"n_group: expected a divisor of the number of experts {e}, got {n_group}")
+    check_int("topk_group", topk_group, low=1, high=n_group)
+    if top_k > topk_group * (e // n_group):
+        raise ValueError(f"top_k: expected <= topk_group * experts per group = {topk_group * (e // n_group)}, got {top_k}")
+    check_positive_float("routed_scaling_factor", routed_scaling_factor)
+    dt = _route_dtype(logits)
+    scores = torch.sigmoid(logits.to(dt))
+    choice = scores
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, contiguous=False)
+        if bias.shape[0] != e:
+            raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
+        if bias.device != logits.device:
+            raise ValueError(f"bias: expected device {logits.device}, got {bias.device}")
+        choice = scores + bias.detach().to(dt)
+    if n_group > 1:
+        per = e // n_group
+        group_score = choice.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
+        keep_groups = torch.topk(group_score, topk_group, dim=-1).indices
+        mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep_groups, True)
+        mask = mask.unsqueeze(-1).expand(t, n_group, per).reshape(t, e)
+        choice = choice.masked_fill(~mask, float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    w = w * routed_scaling_factor
+    return _token_major(ids, w, e, {})
+
+
+def noisy_topk(
+    clean_logits: torch.Tensor,
+    top_k: int,
+    noise_logits: torch.Tensor | None = None,
+    training: bool = True,
+    noise: torch.Tensor | None = None,
+    noise_epsilon: float = 1e-2,
+) -> Routing:
+    """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks").
+
+    ``H = x·Wg + N(0,1) * softplus(x·Wnoise)`` while training (``clean_logits = x·Wg``,
+    ``noise_logits = x·Wnoise``); keep the top ``k`` of ``H`` and softmax over them
+    (the others get weight 0). Without ``noise_logits`` or when not training,
+    ``H = x·Wg``. ``noise`` overrides the standard-normal draw (for tests).
+
+    Losses (unweighted, as in the paper): ``importance = cv²(sum_t G[t])`` and
+    ``load = cv²(sum_t P[t])`` where ``P[t, i] = Φ((clean_i - θ_i) / σ_i)`` is the
+    smooth probability that expert ``i`` stays in the top k under fresh noise, with
+    ``θ_i`` the k-th largest noisy logit of the others. Without noise the load is the
+    count of tokens per expert."""
+    t, e = _check_logits(clean_logits, "clean_logits")
+    check_int("top_k", top_k, low=1, high=e)
+    dt = _route_dtype(clean_logits)
+    clean = clean_logits.to(dt)
+    use_noise = training and noise_logits is not None
+    if use_noise:
+        check_tensor("noise_logits", noise_logits, ndim=2, contiguous=False)
+        if noise_logits.shape != clean_logits.shape:
+            raise ValueError(f"noise_logits: expected shape {tuple(clean_logits.shape)}, got {tuple(noise_logits.shape)}")
+        std = F.softplus(noise_logits.to(dt)) + noise_epsilon
+        if noise is None:
+            noise = torch.randn_like(clean)
+        elif noise.shape != clean.shape:
+            raise ValueError(f"noise: expected shape {tuple(clean.shape)}, got {tuple(noise.shape)}")
+        logits = clean + noise.to(dt) * std
+    else:
+        logits = clean
+    m = min(top_k + 1, e)
+    top_vals, top_ids = torch.topk(logits, m, dim=-1)
+    ids, kept = top_ids[:, :top_k], top_vals[:, :top_k]
+    w = torch.softmax(kept, dim=-1)
+    gates = torch.zeros_like(logits).scatter(1, ids, w)
+    losses = {"importance": cv_squared(gates.sum(0))}
+    if use_noise and top_k < e and t:
+        # theta_i: k-th largest of the others = (k+1)-th overall if i is kept, else k-th.
+        theta_in = top_vals[:, top_k:top_k + 1]
+        theta_out = top_vals[:, top_k - 1:top_k]
+        is_in = logits > theta_in
+        normal = torch.distributions.Normal(torch.zeros((), dtype=dt, device=logits.device),
+                                            torch.ones((), dtype=dt, device=logits.device))
+        p = torch.where(is_in, normal.cdf((clean - theta_in) / std), normal.cdf((clean - theta_out) / std))
+        losses["load"] = cv_squared(p.sum(0))
+    else:
+        losses["load"] = cv_squared((gates > 0).sum(0).to(dt))
+    return _token_major(ids, w, e, losses)
+
+
+def switch_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Switch expert capacity: ``ceil(capacity_factor * T / E)``."""
+    return int(math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+def switch(logits: torch.Tensor, capacity_factor: float | None = 1.0) -> Routing:
+    """Switch routing (Fedus et al. 2021): top-1 with expert capacity.
+
+    ``p = softmax(logits)``; each token goes to ``argmax p`` with weight ``max p``. An
+    expert takes at most ``capacity = ceil(capacity_factor * T / E)`` tokens, in token
+    order; later tokens are *dropped* (sentinel expert ``E``, weight 0), so their layer
+    output is zero and the residual connection carries them. ``capacity_factor=None``
+    drops nothing. Multiplicative jitter of the router input is applied by the layer
+    (:class:`moe_kernels.MoE`), before the router projection. Losses:
+    ``load_balancing = E * sum_i f_i * P_i`` and ``dropped_fraction`` (detached)."""
+    t, e = _check_logits(logits)
+    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
+    w, expert = probs.max(dim=-1)
+    losses = {"load_balancing": switch_load_balancing_loss(probs, expert)}
+    if capacity_factor is not None:
+        check_positive_float("capacity_factor", capacity_factor)
+        cap = switch_capacity(t, e, capacity_factor)
+        one_hot = F.one_hot(expert, e).to(torch.int32)
+        position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(-1) - 1  # rank of t within its expert
+        keep = position < cap
+        expert = torch.where(keep, expert, torch.full_like(expert, e))
+        w = torch.where(keep, w, torch.zeros_like(w))
+        losses["dropped_fraction"] = (~keep).to(probs.dtype).mean().detach() if t else probs.new_zeros(())
+    token = torch.arange(t, device=logits.device, dtype=torch.int32)
+    return Routing(token, expert.to(torch.int32), w, t, e, 1, top_k=1, losses=losses)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Expert Choice capacity: ``C = ceil(capacity_factor * T / E)``, at most ``T``."""
+    return min(num_tokens, int(math.ceil(capacity_factor * num_tokens / num_experts)))
+
+
+def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing:
+    """Expert Choice routing (Zhou et al. 2022): experts choose tokens.
+
+    ``p = softmax(logits)`` over experts; each expert ``e`` takes the ``C`` tokens with
+    the largest ``p[:, e]`` (ties: lowest token index first), ``C =
+    ceil(capacity_factor * T / E)`` capped at ``T``; the slot weight is ``p[t, e]``.
+    Slots are expert-major, ``s = e*C + c``: exactly ``C`` per expert, and a token
+    gets anywhere from 0 to ``E`` experts. No balancing loss is needed."""
+    t, e = _check_logits(logits)
+    check_positive_float("capacity_factor", capacity_factor)
+    cap = expert_choice_capacity(t, e, capacity_factor)
+    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
+    w, token = torch.topk(probs.t(), cap, dim=-1)  # [E, C]
+    expert = torch.arange(e, device=logits.device, dtype=torch.int32).repeat_interleave(cap)
+    return Routing(token.reshape(-1).to(torch.int32), expert, w.reshape(-1), t, e, e, top_k=None, losses={})
+
+
+def dense_softmax(logits: torch.Tensor) -> Routing:
+    """The dense softmax mixture (Jacobs, Jordan, Nowlan, Hinton 1991): every token
+    goes to every expert, ``w[t, e] = softmax(logits[t])[e]``; ``S = T*E``."""
+    t, e = _check_logits(logits)
+    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
+    ids = torch.arange(e, device=logits.device, dtype=torch.int32).expand(t, e)
+    return _token_major(ids, probs, e, {})
+
+
+ROUTERS = {
+    "softmax_topk": softmax_topk,
+    "grouped_sigmoid_topk": grouped_sigmoid_topk,
+    "noisy_topk": noisy_topk,
+    "switch": switch,
+    "expert_choice": expert_choice,
+    "dense": dense_softmax,
+}
+
+
+def route(logits: torch.Tensor, router: str = "softmax_topk", **options) -> Routing:
+    """Route with the router named ``router`` (a key of :data:`ROUTERS`)."""
+    if router not in ROUTERS:
+        raise ValueError(f"router: expected one of {sorted(ROUTERS)}, got {router!r}")
+    return ROUTERS[router](logits, **options)
