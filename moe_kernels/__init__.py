@@ -30,12 +30,12 @@ from .routing import (
 __version__ = "0.1.0"
 
 
-def replace_moe_layers(model, **kwargs):
+def replace_moe_layers(model, backend="auto", **kwargs):
     """Swap the MoE blocks of ``model`` for fused ones; see
     :func:`moe_kernels.integrations.replace.replace_moe_layers`."""
     from .integrations.replace import replace_moe_layers as _replace
 
-    return _replace(model, **kwargs)
+    return _replace(model, backend=backend, **kwargs)
 
 
 __all__ = [

@@ -1,0 +1,377 @@
+"""The ``"moe_kernels"`` experts implementation for HF transformers >= 5.
+
+transformers 5 keeps the experts of 67 MoE families in classes decorated with
+``@use_experts_implementation`` (``transformers/integrations/moe.py``): the weights are
+3-D parameters (``gate_up_proj`` [E, 2I, H] or ``up_proj`` [E, I, H], ``down_proj``
+[E, H, I], transposed when ``is_transposed``, optional ``*_bias``), and the forward is
+looked up by name in the ``ExpertsInterface`` and called as
+``fn(experts_module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+This module registers our fused experts under a name (``"moe_kernels"``)::
+
+    import moe_kernels.integrations.transformers   # registers "moe_kernels"
+    model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="moe_kernels")
+    # or, on a loaded model:  model.set_experts_implementation("moe_kernels")
+
+How the module's declaration is honoured:
+
+* ``has_gate``, ``has_bias``, ``is_transposed``: become :func:`~moe_kernels.expert_params`
+  arguments; the weights are used in place (a transposed layout is a strided *view*,
+  never a copy per call).
+* The activation is what the class really computes: its ``_apply_gate`` (gated) or
+  ``act_fn`` (plain) is evaluated once on a float64 probe and matched against our
+  activations (``swiglu``, ``geglu``, ``geglu_tanh``, ``swiglu_oai`` with the module's
+  own ``alpha``/``limit``; gate and up rows concatenated or interleaved). So the default
+  ``_apply_gate`` with ``hidden_act="silu"`` becomes ``swiglu``, GPT-OSS's clamped
+  SwiGLU over interleaved rows becomes ``swiglu_oai`` with ``interleaved=True``, and a
+  custom ``_apply_gate`` we do not implement (clamped SiLU, a two-argument act_fn, ...)
+  raises :class:`UnsupportedExpertsError` instead of giving a wrong result.
+* ``has_post_expert_norm``: a norm between an expert and its routing weight cannot be
+  fused; raises :class:`UnsupportedExpertsError`.
+* Expert-parallel sentinel ids (``>= num_experts``, or negative) become dropped slots
+  (:meth:`~moe_kernels.Routing.from_topk`): no compute, no output, zero gradient.
+
+When the checks run: :func:`register` wraps ``PreTrainedModel.post_init`` and
+``set_experts_implementation`` so that every experts module selecting one of our names
+is checked when the model is built (``from_pretrained`` / ``from_config``) or switched;
+the first forward checks again (cached per module) for modules built any other way.
+
+The backend is the one given to :func:`register`, else the environment variable
+``MOE_KERNELS_HF_BACKEND`` (read at each call), else ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import transformers as _transformers
+    from transformers.integrations.moe import ExpertsInterface as _ExpertsInterface
+except ImportError as _exc:  # transformers missing, or 4.x without the ExpertsInterface
+    raise ImportError(
+        "moe_kernels.integrations.transformers needs transformers >= 5 with its ExpertsInterface "
+        "(pip install 'transformers>=5'); for transformers 4.x models use moe_kernels.replace_moe_layers(model). "
+        f"Import failed with: {_exc}"
+    ) from _exc
+
+from .._checks import FLOAT_DTYPES
+from ..activations import Activation, apply_activation
+from ..backends import BACKEND_NAMES
+from ..functional import fused_experts
+from ..params import ExpertParams, expert_params
+from ..routing import Routing
+
+__all__ = [
+    "ENV_BACKEND", "ExpertsSpec", "UnsupportedExpertsError", "check", "enable", "experts_forward", "register",
+    "registered", "resolve",
+]
+
+ENV_BACKEND = "MOE_KERNELS_HF_BACKEND"
+_BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
+
+# name -> backend given to register() (None: the environment variable, else "auto")
+_registered: dict[str, str | None] = {}
+_forwards: dict[str, object] = {}
+
+
+class UnsupportedExpertsError(ValueError):
+    """An experts module declares something the fused kernels cannot compute exactly."""
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """How one HF experts module maps onto :func:`moe_kernels.fused_experts`."""
+
+    activation: Activation
+    interleaved: bool
+    transposed: bool
+    gated: bool
+    has_bias: bool
+
+    def describe(self) -> str:
+        act = self.activation.name
+        if act == "swiglu_oai":
+            act += f"(alpha={self.activation.alpha}, limit={self.activation.limit})"
+        flags = [f for f, on in (("interleaved", self.interleaved), ("transposed", self.transposed),
+                                 ("bias", self.has_bias)) if on]
+        return act + (" [" + ", ".join(flags) + "]" if flags else "")
+
+
+# --------------------------------------------------------------------------- resolving a module
+
+
+def _is_hf_experts(module: torch.nn.Module) -> bool:
+    """A module built by a ``@use_experts_implementation`` class."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "down_proj"))
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    return type(module).__qualname__
+
+
+def _number(module: torch.nn.Module, *names: str) -> float | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type != "meta":
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _spec_key(module: torch.nn.Module) -> tuple:
+    # Everything the spec depends on, cheaply (no tensor reads: this runs every call); a
+    # change, e.g. limit edited after loading, re-resolves.
+    raw = tuple(getattr(module, a, None) for a in ("alpha", "swiglu_alpha", "limit", "swiglu_limit"))
+    raw = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in raw)
+    return (type(module), module.has_gate, module.has_bias, module.is_transposed,
+            getattr(module, "has_post_expert_norm", False), id(getattr(module, "act_fn", None)), raw)
+
+
+def _weights(module: torch.nn.Module, gated: bool, has_bias: bool):
+    w13_name = "gate_up_proj" if gated else "up_proj"
+    w13, w2 = getattr(module, w13_name, None), getattr(module, "down_proj", None)
+    for n, w in ((w13_name, w13), ("down_proj", w2)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            raise UnsupportedExpertsError(
+                f"{_class_name(module)}.{n}: expected a 3-D expert weight tensor, got "
+                f"{type(w).__name__ if not isinstance(w, torch.Tensor) else tuple(w.shape)}")
+    b13 = getattr(module, w13_name + "_bias", None) if has_bias else None
+    b2 = getattr(module, "down_proj_bias", None) if has_bias else None
+    return w13, w2, b13, b2
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # float64 probe: exact formulas agree to ~1e-15; 1e-5 admits an act_fn that computes in
+    # float32 and rejects every other activation we know (they differ by >= 1e-3).
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+
+def _probe(rows: int, width: int, scale: float) -> torch.Tensor:
+    # explicitly on the CPU: from_pretrained builds models under a meta default device
+    g = torch.Generator(device="cpu").manual_seed(20240229)
+    return torch.randn(rows, width, generator=g, dtype=torch.float64, device="cpu") * scale
+
+
+def _match_activation(module: torch.nn.Module, gated: bool, width: int) -> tuple[Activation, bool]:
+    """Evaluate what the module computes between its two matmuls and name it."""
+    alpha, limit = _number(module, "alpha", "swiglu_alpha"), _number(module, "limit", "swiglu_limit")
+    scale = max(4.0, 2.5 * limit) if limit else 4.0  # past the clamps, so they show
+    what = f"{_class_name(module)}._apply_gate" if gated else f"{_class_name(module)}.act_fn"
+    fn = module._apply_gate if gated else getattr(module, "act_fn", None)
+    if fn is None:
+        raise UnsupportedExpertsError(f"{_class_name(module)}: has_gate=False but no act_fn to apply")
+    x = _probe(4, width, scale)
+    try:
+        with torch.no_grad():
+            y = fn(x)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot verify it
+        raise UnsupportedExpertsError(f"{what}: could not evaluate it on a probe to identify the activation "
+                                      f"({type(exc).__name__}: {exc})") from exc
+    candidates: list[tuple[Activation, bool]] = []
+    if gated:
+        layouts = (False, True) if getattr(module, "is_concatenated", True) else (True, False)
+        for interleaved in layouts:
+            if alpha is not None and limit is not None and limit > 0:
+                candidates.append((Activation("swiglu_oai", alpha, limit), interleaved))
+            candidates += [(Activation(n), interleaved) for n in ("swiglu", "geglu", "geglu_tanh")]
+    else:
+        candidates = [(Activation(n), False) for n in ("silu", "gelu", "gelu_tanh", "relu")]
+    for act, interleaved in candidates:
+        if _close(y, apply_activation(x, act, interleaved)):
+            return act, interleaved
+    tried = sorted({a.name for a, _ in candidates})
+    act_name = getattr(getattr(module, "config", None), "hidden_act", None)
+    raise UnsupportedExpertsError(
+        f"{what} (hidden_act={act_name!r}) computes an activation moe_kernels does not implement "
+        f"(tried {', '.join(tried)}{'; gate/up rows concatenated and interleaved' if gated else ''}). "
+        f"Use experts_implementation='grouped_mm' (or 'eager') for this model.")
+
+
+def resolve(module: torch.nn.Module) -> ExpertsSpec:
+    """The :class:`ExpertsSpec` of an HF experts module, or :class:`UnsupportedExpertsError`
+    saying what cannot be honoured. Cached on the module."""
+    key = _spec_key(module)
+    cached = module.__dict__.get("_moe_kernels_spec")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    name = _class_name(module)
+    if getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedExpertsError(
+            f"{name}: has_post_expert_norm=True (a norm between each expert and its routing weight) cannot be "
+            f"fused; use experts_implementation='grouped_mm' (or 'eager') for this model")
+    gated, has_bias, transposed = bool(module.has_gate), bool(module.has_bias), bool(module.is_transposed)
+    w13, w2, b13, b2 = _weights(module, gated, has_bias)
+    if w13.dtype not in FLOAT_DTYPES or w2.dtype not in FLOAT_DTYPES:
+        raise UnsupportedExpertsError(
+            f"{name}: expert weights of dtype {w13.dtype} (quantized?) are not supported; moe_kernels runs "
+            f"float16, bfloat16, float32 and float64 experts")
+    if has_bias and (b13 is None or b2 is None):
+        raise UnsupportedExpertsError(f"{name}: has_bias=True but the bias parameters are missing")
+    inter = w2.shape[1] if transposed else w2.shape[2]
+    act, interleaved = _match_activation(module, gated, 2 * inter if gated else inter)
+    spec = ExpertsSpec(act, interleaved, transposed, gated, has_bias)
+    # Shapes and the layout are checked once here (on meta tensors too); per call the same
+    # check runs on the live weights.
+    try:
+        expert_params(_meta(w13), _meta(w2), _meta(b13), _meta(b2), activation=act, transposed=transposed,
+                      interleaved=interleaved)
+    except ValueError as exc:
+        raise UnsupportedExpertsError(f"{name}: {exc}") from exc
+    module.__dict__["_moe_kernels_spec"] = (key, spec)
+    return spec
+
+
+def _meta(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def params_of(module: torch.nn.Module) -> ExpertParams:
+    """The module's weights as :class:`~moe_kernels.ExpertParams` (views, no copies)."""
+    spec = resolve(module)
+    w13, w2, b13, b2 = _weights(module, spec.gated, spec.has_bias)
+    return expert_params(w13, w2, b13, b2, activation=spec.activation, transposed=spec.transposed,
+                         interleaved=spec.interleaved)
+
+
+# --------------------------------------------------------------------------- the forward
+
+
+def _backend_for(name: str | None, backend: str | None) -> str:
+    if backend is not None:
+        return backend
+    if name is not None and _registered.get(name) is not None:
+        return _registered[name]
+    return os.environ.get(ENV_BACKEND, "auto") or "auto"
+
+
+def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                    top_k_weights: torch.Tensor | None = None, *, backend: str | None = None,
+                    _name: str | None = None, **kwargs) -> torch.Tensor:
+    """The ``ExpertsInterface`` function: ``hidden_states`` [T, H], ``top_k_index`` [T, k]
+    (int; ids ``>= num_experts`` are expert-parallel sentinels), ``top_k_weights`` [T, k];
+    returns [T, H] in ``hidden_states``' dtype."""
+    # Keyword spellings used by some model code (GPT-OSS names them router_indices/routing_weights).
+    if top_k_index is None:
+        top_k_index = kwargs.pop("router_indices", None)
+        top_k_index = kwargs.pop("topk_indices", top_k_index)
+    if top_k_weights is None:
+        top_k_weights = kwargs.pop("routing_weights", None)
+        top_k_weights = kwargs.pop("topk_weights", top_k_weights)
+    if kwargs:
+        raise ValueError(f"experts_forward: unexpected arguments {sorted(kwargs)}")
+    if top_k_index is None or top_k_weights is None:
+        raise ValueError("experts_forward: expected top_k_index [T, k] and top_k_weights [T, k]")
+    params = params_of(module)
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    if x.dtype != params.dtype:  # autocast regions hand float32 activations to bf16 experts
+        x = x.to(params.dtype)
+    k = top_k_index.shape[-1]
+    routing = Routing.from_topk(top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k), params.num_experts)
+    out = fused_experts(x.contiguous(), routing, params, backend=_backend_for(_name, backend))
+    return out.to(hidden_states.dtype).reshape(shape)
+
+
+def _make_forward(name: str):
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights, _name=name, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = f"moe_kernels_experts_forward[{name}]"
+    return forward
+
+
+# --------------------------------------------------------------------------- model-level checks
+
+
+def check(model: torch.nn.Module, only: str | None = None) -> dict[str, ExpertsSpec]:
+    """Resolve every HF experts module in ``model`` (those selecting implementation
+    ``only`` if given); returns ``{module path: spec}``. Raises
+    :class:`UnsupportedExpertsError` naming the first module we cannot honour."""
+    found = {}
+    for path, m in model.named_modules():
+        if not _is_hf_experts(m):
+            continue
+        if only is not None and getattr(getattr(m, "config", None), "_experts_implementation", None) != only:
+            continue
+        try:
+            found[path] = resolve(m)
+        except UnsupportedExpertsError as exc:
+            raise UnsupportedExpertsError(f"{path or type(model).__name__}: {exc}") from exc
+    return found
+
+
+def _check_ours(model: torch.nn.Module) -> None:
+    for name in list(_registered):
+        check(model, only=name)
+
+
+def _install_load_hooks() -> None:
+    """Check models selecting one of our names when they are built or switched."""
+    cls = _transformers.PreTrainedModel
+    if getattr(cls, "_moe_kernels_hooked", False):
+        return
+    original_post_init = cls.post_init
+    original_set = getattr(cls, "set_experts_implementation", None)  # absent in early 5.x
+
+    @functools.wraps(original_post_init)
+    def post_init(self, *args, **kwargs):
+        out = original_post_init(self, *args, **kwargs)
+        _check_ours(self)
+        return out
+
+    cls.post_init = post_init
+    if original_set is not None:
+        @functools.wraps(original_set)
+        def set_experts_implementation(self, experts_implementation, *args, **kwargs):
+            if isinstance(experts_implementation, str) and experts_implementation in _registered:
+                check(self)  # before switching, so a refusal leaves the model as it was
+            out = original_set(self, experts_implementation, *args, **kwargs)
+            _check_ours(self)
+            return out
+
+        cls.set_experts_implementation = set_experts_implementation
+    cls._moe_kernels_hooked = True
+
+
+def register(name: str = "moe_kernels", backend: str | None = None, *, check_on_load: bool = True) -> str:
+    """Register the fused experts in transformers' ``ExpertsInterface`` as ``name``.
+
+    Idempotent: calling it again with the same name keeps one entry (a different
+    ``backend`` replaces the previous choice). ``backend``: ``"auto"``, ``"torch"``,
+    ``"triton"``, ``"cuda"``, or None for the ``MOE_KERNELS_HF_BACKEND`` environment
+    variable (read at each call, default ``"auto"``). ``check_on_load`` checks models
+    when they are built or switched to ``name`` (see the module docstring).
+    Returns ``name``."""
+    if not isinstance(name, str) or not name or name in ("eager", "grouped_mm", "batched_mm"):
+        raise ValueError(f"name: expected a new implementation name (not eager/grouped_mm/batched_mm), got {name!r}")
+    if backend is not None and backend not in _BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {list(_BACKEND_CHOICES)} or None, got {backend!r}")
+    if name not in _forwards:
+        _forwards[name] = _make_forward(name)
+    _registered[name] = backend
+    _ExpertsInterface.register(name, _forwards[name])
+    if check_on_load:
+        _install_load_hooks()
+    return name
+
+
+def registered() -> dict[str, str | None]:
+    """Our registered names and the backend each was given (None: environment/auto)."""
+    return dict(_registered)
+
+
+def enable(model: torch.nn.Module, backend: str | None = None, name: str = "moe_kernels") -> dict[str, ExpertsSpec]:
+    """Switch a loaded model to the fused experts: register ``name``, check every experts
+    module (raising before anything changes if one cannot be honoured), then
+    ``model.set_experts_implementation(name)``. Returns ``{module path: spec}``."""
+    register(name, backend if backend is not None else _registered.get(name))
+    specs = check(model)
+    model.set_experts_implementation(name)
+    return specs
+
+
+register()
