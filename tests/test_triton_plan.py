@@ -1,0 +1,162 @@
+"""The one-launch Triton dispatch plan (moe_kernels.triton.plan) against build_plan_torch.
+
+Every field must be equal bit for bit, for every router's slot layout: token-major top-k
+(with dropped sentinel ids), Switch with capacity (dropped slots), Expert Choice (tokens
+with 0..E slots, expert-major layout), dense, and a routing whose token rows have more
+columns than top_k. Outputs come from poisoned allocations, so an element the kernel
+forgot to write fails the comparison (and the explicit poison check).
+"""
+
+import pytest
+import torch
+
+from triton_interp import DEVICE, assert_no_poison, import_or_skip, poison_empty
+
+import_or_skip()
+
+from moe_kernels import routing as R  # noqa: E402
+from moe_kernels.plan import build_plan_torch  # noqa: E402
+from moe_kernels.routing import Routing  # noqa: E402
+from moe_kernels.triton import plan as TP  # noqa: E402
+from moe_kernels.triton.plan import build_plan_triton  # noqa: E402
+
+FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "padded_offsets", "padded_slot",
+          "block_expert", "token_slots")
+
+
+def _compare(monkeypatch, routing, block_m):
+    poison_empty(monkeypatch, TP)
+    got = build_plan_triton(routing, block_m)
+    want = build_plan_torch(routing, block_m)
+    for f in FIELDS:
+        g, w = getattr(got, f), getattr(want, f)
+        assert_no_poison(g, f)
+        assert g.dtype == torch.int32 and g.shape == w.shape, f
+        assert torch.equal(g, w), f"{f} differs:\n{g}\nvs\n{w}"
+    assert got.top_k == want.top_k and got.num_padded_rows == want.num_padded_rows
+    got.check_values()
+    return got
+
+
+def _logits(t, e):
+    return torch.randn(t, e, device=DEVICE)
+
+
+TOPK_CASES = [
+    # (T, E, k, block_m)   edge covered
+    pytest.param(1, 13, 6, 16, id="T1-prime-E"),
+    pytest.param(33, 8, 2, 16, id="T33"),
+    pytest.param(64, 4, 2, 64, id="T64-block-of-64"),
+    pytest.param(222, 13, 1, 16, id="T222-k1-many-chunks"),
+    pytest.param(33, 13, 6, 1, id="block_m-1"),
+    pytest.param(40, 5, 2, 24, id="block_m-not-power-of-two"),
+    pytest.param(64, 1024, 8, 16, id="E1024"),
+]
+
+
+@pytest.mark.parametrize("t,e,k,bm", TOPK_CASES)
+def test_topk_routing(monkeypatch, t, e, k, bm):
+    plan = _compare(monkeypatch, R.softmax_topk(_logits(t, e), k), bm)
+    if e > t * k:
+        assert bool((plan.expert_counts == 0).any())  # experts without tokens
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_empty_batch(monkeypatch, router):
+    # T = 0 (S = 0, P = 0): only the counts and offsets have elements, all zero
+    x = _logits(0, 6)
+    r = R.softmax_topk(x, 2) if router == "topk" else R.expert_choice(x)
+    plan = _compare(monkeypatch, r, 16)
+    assert plan.num_padded_rows == 0 and int(plan.expert_offsets[-1]) == 0
+
+
+def test_all_tokens_one_expert(monkeypatch):
+    x = _logits(37, 7)
+    x[:, 3] += 30.0  # every token's first choice is expert 3; with k=1 experts != 3 are empty
+    plan = _compare(monkeypatch, R.softmax_topk(x, 1), 16)
+    assert int(plan.expert_counts[3]) == 37 and int(plan.expert_counts.sum()) == 37
+
+
+def test_from_topk_with_dropped_sentinels(monkeypatch):
+    # expert-parallel style ids: -1 and >= E mean "not on this rank" -> dropped slots
+    ids = torch.randint(-1, 7, (29, 3), device=DEVICE)
+    r = Routing.from_topk(ids, torch.rand(29, 3, device=DEVICE), 6)
+    assert bool((r.slot_expert == 6).any())
+    _compare(monkeypatch, r, 16)
+
+
+def test_all_slots_dropped(monkeypatch):
+    ids = torch.full((5, 2), 9, device=DEVICE)
+    plan = _compare(monkeypatch, Routing.from_topk(ids, torch.rand(5, 2, device=DEVICE), 4), 16)
+    assert bool((plan.token_slots == -1).all()) and bool((plan.padded_slot == -1).all())
+
+
+def test_switch_with_capacity_drops(monkeypatch):
+    x = _logits(45, 4)
+    x[:, 1] += 2.0  # overload expert 1 so its extra tokens are dropped
+    r = R.switch(x, capacity_factor=0.75)
+    assert bool((r.slot_expert == 4).any())
+    _compare(monkeypatch, r, 16)
+
+
+@pytest.mark.parametrize("t,e,cf,bm", [
+    pytest.param(33, 5, 1.0, 16, id="T33-E5"),
+    pytest.param(64, 4, 2.0, 16, id="many-slots-per-token-across-chunks"),
+    pytest.param(1, 3, 1.0, 16, id="T1"),
+    pytest.param(50, 13, 0.5, 8, id="prime-E-tokens-with-no-slot"),
+])
+def test_expert_choice(monkeypatch, t, e, cf, bm):
+    r = R.expert_choice(_logits(t, e), capacity_factor=cf)
+    assert r.top_k is None
+    _compare(monkeypatch, r, bm)
+
+
+def test_expert_choice_layout_with_dropped_slots(monkeypatch):
+    # a top_k=None routing whose slots are not grouped by expert and include dropped ones
+    s, t, e = 70, 20, 6
+    tok = torch.randint(0, t, (s,), dtype=torch.int32, device=DEVICE)
+    exp = torch.randint(0, e + 1, (s,), dtype=torch.int32, device=DEVICE)
+    r = Routing(tok, exp, torch.rand(s, device=DEVICE), t, e, max_slots_per_token=s, top_k=None)
+    _compare(monkeypatch, r, 16)
+
+
+def test_dense(monkeypatch):
+    _compare(monkeypatch, R.dense_softmax(_logits(7, 5)), 16)
+
+
+def test_more_columns_than_top_k(monkeypatch):
+    # max_slots_per_token > top_k: token_slots gets -1 columns past top_k
+    ids = torch.randint(0, 6, (11, 2), dtype=torch.int32, device=DEVICE)
+    tok = torch.arange(11, dtype=torch.int32, device=DEVICE).repeat_interleave(2)
+    r = Routing(tok, ids.view(-1), torch.rand(22, device=DEVICE), 11, 6, max_slots_per_token=4, top_k=2)
+    plan = _compare(monkeypatch, r, 16)
+    assert bool((plan.token_slots[:, 2:] == -1).all())
+
+
+def test_custom_op_and_compile():
+    r = R.softmax_topk(_logits(21, 6), 2)
+    args = (r.slot_expert, r.slot_token, 21, 6, 2, 2, 16)
+    torch.library.opcheck(torch.ops.moe_kernels.dispatch_plan.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(slot_expert, slot_token, slot_weight):
+        routing = Routing(slot_token, slot_expert, slot_weight, 21, 6, 2, top_k=2)
+        plan = build_plan_triton(routing, 16)
+        return plan.padded_slot, plan.block_expert, plan.token_slots
+
+    got = f(r.slot_expert, r.slot_token, r.slot_weight)
+    want = build_plan_torch(r, 16)
+    assert torch.equal(got[0], want.padded_slot) and torch.equal(got[1], want.block_expert)
+    assert torch.equal(got[2], want.token_slots)
+
+
+def test_bad_arguments():
+    r = R.softmax_topk(_logits(4, 6), 2)
+    with pytest.raises(ValueError, match="block_m"):
+        build_plan_triton(r, 0)
+    with pytest.raises(ValueError, match="routing"):
+        build_plan_triton(r.slot_expert, 16)
+    big = Routing.from_topk(torch.zeros(2, 1, dtype=torch.int32, device=DEVICE), torch.ones(2, 1, device=DEVICE), 1025)
+    with pytest.raises(ValueError, match="num_experts"):
+        build_plan_triton(big, 16)
