@@ -96,6 +96,7 @@ def moe(
     params = expert_params(w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
     check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_inputs(x, params)
+    check_same_device([("x", x), ("router_logits", router_logits)])
     if router_logits.shape != (x.shape[0], params.num_experts):
         raise ValueError(f"router_logits: expected shape ({x.shape[0]}, {params.num_experts}) "
                          f"(tokens of x, experts of w13), got {tuple(router_logits.shape)}")

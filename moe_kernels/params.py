@@ -79,6 +79,9 @@ def expert_params(
     act = Activation.of(activation)
     check_tensor("w13", w13, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("w2", w2, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, b in (("b13", b13), ("b2", b2)):
+        if b is not None:
+            check_tensor(name, b, ndim=2)  # before the dtype and device checks read its attributes
     check_same_dtype([("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2)])
     check_same_device([("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2)])
     if transposed:

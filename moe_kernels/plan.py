@@ -60,7 +60,9 @@ class DispatchPlan:
     padded_slot       [P]        padded row → slot, ``-1`` for padding and unused rows
     block_expert      [B]        row block → expert, ``-1`` past the last used block
     token_slots       [T, K]     token → its valid slots in increasing slot order,
-                                 ``-1`` where it has fewer than ``K``
+                                 ``-1`` where it has fewer than ``K``; a ``-1`` may
+                                 sit mid-row (token-major routings keep a dropped
+                                 slot's cell), so readers skip it, never stop at it
     ================  =========  ==========================================================
 
     Invariants (checked in ``__post_init__``: shapes and dtypes always; values on the CPU
@@ -151,9 +153,10 @@ class DispatchPlan:
             fail("sorted_slot is a permutation")
         if s and not torch.equal(self.slot_position.long()[perm], torch.arange(s, device=dev)):
             fail("slot_position is the inverse of sorted_slot")
+        # Vectorised (no Python loop over experts): these checks run on every CPU plan.
+        experts = torch.arange(e, device=dev)
         pos_expert = torch.full((s,), e, dtype=torch.long, device=dev)
-        for x in range(e):
-            pos_expert[offs[x]:offs[x + 1]] = x
+        pos_expert[:v] = torch.repeat_interleave(experts, counts)  # counts are exact by now
         if not torch.equal(se[perm], pos_expert):
             fail("sorted_slot groups slots by expert, dropped last")
         padded_counts = (counts + bm - 1) // bm * bm
@@ -161,11 +164,11 @@ class DispatchPlan:
         if int(poffs[0]) != 0 or not torch.equal(poffs[1:], torch.cumsum(padded_counts, 0)):
             fail("padded_offsets is the prefix sum of counts rounded up to block_m")
         expected_rows = torch.full((self.num_padded_rows,), -1, dtype=torch.long, device=dev)
+        x_of = pos_expert[:v]
+        expected_rows[poffs[x_of] + torch.arange(v, device=dev) - offs[x_of]] = perm[:v]
+        used_blocks = torch.repeat_interleave(experts, padded_counts // bm)
         expected_blocks = torch.full((self.num_blocks,), -1, dtype=torch.long, device=dev)
-        for x in range(e):
-            c = int(counts[x])
-            expected_rows[poffs[x]:poffs[x] + c] = perm[offs[x]:offs[x] + c]
-            expected_blocks[poffs[x] // bm:poffs[x + 1] // bm] = x
+        expected_blocks[:used_blocks.numel()] = used_blocks
         if not torch.equal(self.padded_slot.long(), expected_rows):
             fail("padded_slot holds each expert's slots at its padded offset, -1 elsewhere")
         if not torch.equal(self.block_expert.long(), expected_blocks):

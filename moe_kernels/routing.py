@@ -29,6 +29,8 @@ reference implementations do.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -97,6 +99,8 @@ class Routing:
         check_int("max_slots_per_token", self.max_slots_per_token, low=1)
         if self.top_k is not None:
             check_int("top_k", self.top_k, low=1)
+            if self.top_k > self.max_slots_per_token:
+                raise ValueError(f"max_slots_per_token: expected >= top_k = {self.top_k}, got {self.max_slots_per_token}")
             if s != self.num_tokens * self.top_k:
                 raise ValueError(f"top_k: token-major layout needs S = T*top_k = {self.num_tokens * self.top_k}, got S = {s}")
         if value_checks_enabled(self.slot_token) and s:
@@ -106,6 +110,13 @@ class Routing:
             if int(self.slot_expert.min()) < 0 or int(self.slot_expert.max()) > self.num_experts:
                 raise ValueError(f"slot_expert: expected values in [0, {self.num_experts}] ({self.num_experts} = dropped), "
                                  f"got range [{int(self.slot_expert.min())}, {int(self.slot_expert.max())}]")
+            if self.top_k is None:
+                # The plan's [T, K] token table has room for K valid slots per token only.
+                valid = self.slot_expert < self.num_experts
+                most = int(torch.bincount(self.slot_token[valid].long(), minlength=1).max())
+                if most > self.max_slots_per_token:
+                    raise ValueError(f"max_slots_per_token: expected >= the most valid slots of one token ({most}), "
+                                     f"got {self.max_slots_per_token}")
 
     @property
     def num_slots(self) -> int:
@@ -118,7 +129,8 @@ class Routing:
         computed elsewhere, e.g. a HF model's own router). Ids ``>= num_experts`` or
         negative (expert-parallel sentinels) become dropped slots."""
         check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), contiguous=False)
-        check_tensor("topk_weights", topk_weights, ndim=2, contiguous=False)
+        check_tensor("topk_weights", topk_weights, ndim=2, contiguous=False,
+                     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
         if topk_weights.shape != topk_ids.shape:
             raise ValueError(f"topk_weights: expected shape {tuple(topk_ids.shape)} like topk_ids, got {tuple(topk_weights.shape)}")
         t, k = topk_ids.shape
@@ -138,6 +150,16 @@ class Routing:
 
 def _route_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` along the last dim with ties broken toward the lowest index.
+
+    ``torch.topk`` leaves the order of equal values unspecified (on the CPU it does not
+    pick the lowest index), so routing with tied scores (a zero-initialised router)
+    would differ between devices and from the kernels; a stable descending sort fixes it."""
+    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return vals[..., :k].contiguous(), idx[..., :k].contiguous()  # contiguous like topk's: k=1 slots must flatten
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int]:
@@ -195,18 +217,20 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     """Softmax top-k (Mixtral; Qwen-MoE with ``norm_topk_prob``; OLMoE without).
 
     ``p = softmax(logits)``; keep the ``k`` largest ``p[t, e]`` (ties: lowest expert
-    index first, as ``torch.topk``); ``w = p / sum_j p_j`` over the kept ones when
+    index first); ``w = p / sum_j p_j`` over the kept ones when
     ``renormalize``, else ``w = p``. Losses: ``load_balancing`` (Switch form over the
-    top-k assignments, as Mixtral and OLMoE train with)."""
+    top-k assignments, as Mixtral and OLMoE train with), normalised so that uniform
+    routing gives 1: ``f_i`` is the share of the ``T*k`` assignments that went to ``i``.
+    HF transformers' ``load_balancing_loss_func`` divides by ``T`` only, so its value is
+    ``k`` times this one; scale ``aux_loss_coef`` accordingly when porting a recipe."""
     t, e = _check_logits(logits)
     check_int("top_k", top_k, low=1, high=e)
     probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
-    w, ids = torch.topk(probs, top_k, dim=-1)
+    w, ids = _topk(probs, top_k)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     losses = {}
     if t:
-        # Mixtral's form: f counts every top-k assignment, divided by T*k.
         f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
             0, ids.reshape(-1), torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device)) / (t * top_k)
         losses["load_balancing"] = e * torch.sum(f * probs.mean(dim=0))
@@ -250,15 +274,16 @@ def grouped_sigmoid_topk(
             raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
         if bias.device != logits.device:
             raise ValueError(f"bias: expected device {logits.device}, got {bias.device}")
+        check_finite("bias", bias)
         choice = scores + bias.detach().to(dt)
     if n_group > 1:
         per = e // n_group
         group_score = choice.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
-        keep_groups = torch.topk(group_score, topk_group, dim=-1).indices
+        keep_groups = _topk(group_score, topk_group)[1]
         mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep_groups, True)
         mask = mask.unsqueeze(-1).expand(t, n_group, per).reshape(t, e)
         choice = choice.masked_fill(~mask, float("-inf"))
-    ids = torch.topk(choice, top_k, dim=-1).indices
+    ids = _topk(choice, top_k)[1]
     w = scores.gather(1, ids)
     if renormalize:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
@@ -295,6 +320,7 @@ def noisy_topk(
         check_tensor("noise_logits", noise_logits, ndim=2, contiguous=False)
         if noise_logits.shape != clean_logits.shape:
             raise ValueError(f"noise_logits: expected shape {tuple(clean_logits.shape)}, got {tuple(noise_logits.shape)}")
+        check_finite("noise_logits", noise_logits)
         std = F.softplus(noise_logits.to(dt)) + noise_epsilon
         if noise is None:
             noise = torch.randn_like(clean)
@@ -304,7 +330,7 @@ def noisy_topk(
     else:
         logits = clean
     m = min(top_k + 1, e)
-    top_vals, top_ids = torch.topk(logits, m, dim=-1)
+    top_vals, top_ids = _topk(logits, m)
     ids, kept = top_ids[:, :top_k], top_vals[:, :top_k]
     w = torch.softmax(kept, dim=-1)
     gates = torch.zeros_like(logits).scatter(1, ids, w)
@@ -314,9 +340,8 @@ def noisy_topk(
         theta_in = top_vals[:, top_k:top_k + 1]
         theta_out = top_vals[:, top_k - 1:top_k]
         is_in = logits > theta_in
-        normal = torch.distributions.Normal(torch.zeros((), dtype=dt, device=logits.device),
-                                            torch.ones((), dtype=dt, device=logits.device))
-        p = torch.where(is_in, normal.cdf((clean - theta_in) / std), normal.cdf((clean - theta_out) / std))
+        # Phi via special.ndtr: torch.distributions validates its arguments with a host sync.
+        p = torch.where(is_in, torch.special.ndtr((clean - theta_in) / std), torch.special.ndtr((clean - theta_out) / std))
         losses["load"] = cv_squared(p.sum(0))
     else:
         losses["load"] = cv_squared((gates > 0).sum(0).to(dt))
@@ -372,7 +397,7 @@ def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing
     check_positive_float("capacity_factor", capacity_factor)
     cap = expert_choice_capacity(t, e, capacity_factor)
     probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
-    w, token = torch.topk(probs.t(), cap, dim=-1)  # [E, C]
+    w, token = _topk(probs.t(), cap)  # [E, C]
     expert = torch.arange(e, device=logits.device, dtype=torch.int32).repeat_interleave(cap)
     return Routing(token.reshape(-1).to(torch.int32), expert, w.reshape(-1), t, e, e, top_k=None, losses={})
 
@@ -382,7 +407,7 @@ def dense_softmax(logits: torch.Tensor) -> Routing:
     goes to every expert, ``w[t, e] = softmax(logits[t])[e]``; ``S = T*E``."""
     t, e = _check_logits(logits)
     probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
-    ids = torch.arange(e, device=logits.device, dtype=torch.int32).expand(t, e)
+    ids = torch.arange(e, device=logits.device, dtype=torch.int32).repeat(t, 1)  # not expand: E=1 gives a stride-0 view
     return _token_major(ids, probs, e, {})
 
 
@@ -400,4 +425,20 @@ def route(logits: torch.Tensor, router: str = "softmax_topk", **options) -> Rout
     """Route with the router named ``router`` (a key of :data:`ROUTERS`)."""
     if router not in ROUTERS:
         raise ValueError(f"router: expected one of {sorted(ROUTERS)}, got {router!r}")
-    return ROUTERS[router](logits, **options)
+    fn = ROUTERS[router]
+    names, required = _router_options(fn)
+    if not names.issuperset(options) or not required.issubset(options):
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an option of router {router!r} (its options: {sorted(names)})")
+        raise ValueError(f"{sorted(required - set(options))[0]}: required by router {router!r}")
+    return fn(logits, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _router_options(fn) -> tuple[frozenset, frozenset]:
+    """(all option names, required ones) of a router, after its logits argument; cached
+    so that naming a bad option costs nothing on the hot path."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return (frozenset(p.name for p in params),
+            frozenset(p.name for p in params if p.default is inspect.Parameter.empty))

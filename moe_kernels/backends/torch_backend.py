@@ -23,9 +23,29 @@ def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j y[token_slots[t, j]]`` over the entries ``>= 0``, summed in
     column order (deterministic). ``y`` [S, H] already weighted; returns [T, H]."""
     s, h = y.shape
+    t, k = token_slots.shape
     pad = torch.cat([y, y.new_zeros(1, h)])
     idx = torch.where(token_slots < 0, torch.full_like(token_slots, s), token_slots).long()
-    return pad[idx].sum(dim=1)
+    # Expert choice has K = E columns but only about S live entries: gathering all of
+    # [T, K, H] at once would take E/capacity_factor times the memory of y, so gather a
+    # few columns at a time (one step for top-k, Switch and dense, where T*K = S).
+    step = k if t == 0 else max(1, -(-s // t))
+    out = pad[idx[:, :step]].sum(dim=1)
+    for j in range(step, k, step):
+        out = out + pad[idx[:, j:j + step]].sum(dim=1)
+    return out
+
+
+def _zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    """An exact 0-d zero that depends on each tensor that requires grad (a sum over an
+    empty slice): keeps autograd connected, with zero gradients, when no slot reaches the
+    matmuls. Unlike ``0 * x`` it stays 0 when ``x`` holds inf or NaN."""
+    link = None
+    for v in tensors:
+        if v is not None and v.requires_grad:
+            term = v.reshape(-1)[:0].sum()
+            link = term if link is None else link + term
+    return link
 
 
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
@@ -55,7 +75,11 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
             start += c
     if start < s:
         pieces.append(a.new_zeros(s - start, n))
-    return torch.cat(pieces) if pieces else a.new_zeros(0, n)
+    out = torch.cat(pieces) if pieces else a.new_zeros(0, n)
+    if start == 0:  # every slot dropped: nothing touched a, w or b
+        link = _zero_link(a, w, b)
+        out = out if link is None else out + link
+    return out
 
 
 def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
@@ -63,8 +87,15 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
     t, h = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if plan.num_slots == 0:
-        return x.new_zeros(t, h) + 0 * x  # keeps autograd connected for T > 0 with no slots
-    rows = x.index_select(0, plan.slot_token.index_select(0, plan.sorted_slot).long())
+        out = x.new_zeros(t, h)
+        link = _zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
+        return out if link is None else out + link
+    src = plan.slot_token.index_select(0, plan.sorted_slot).long()
+    # Backward of this gather sums the rows of a token's slots. index_select's backward
+    # (index_add) does it with atomics on CUDA; advanced indexing's (index_put with
+    # accumulate) sorts there instead, but runs parallel atomics on the CPU: take the
+    # deterministic one on each device.
+    rows = x[src] if x.is_cuda else x.index_select(0, src)
     h13 = grouped_linear(rows, params.w13, params.b13, plan)
     hidden = apply_activation(h13, params.activation, params.interleaved)
     y = grouped_linear(hidden, params.w2, params.b2, plan)
