@@ -1,0 +1,291 @@
+"""``moe-kernels bench``: the MoE layer at real model shapes against the roofline and
+the peers.
+
+Grid: shapes × T × mode (``fwd``, ``fwdbwd``) × providers (each moe_kernels backend on
+a precomputed routing, the same with routing + plan (``:layer``), routing + plan alone
+(``:routing``), the reference loop, HF transformers' ``eager`` and ``grouped_mm``
+experts, a plain ``torch._grouped_mm`` pipeline). Every cell reports the median time,
+TFLOP/s, GB/s and the fraction of the roofline with peaks measured in the same run
+(:mod:`moe_kernels.bench_roofline`, docs/PERFORMANCE.md). Output: a table on the
+terminal, ``results.csv`` (one row per cell, tagged with device, versions, commit and
+date), ``results.md`` and ``roofline.png`` in ``--out``.
+
+On the CPU the default is ``--size small`` (H and I divided by 16, T in 1, 16, 128):
+about a minute on two cores. Interfaces for the CLI: :func:`add_bench_arguments`,
+:func:`run_bench`, :func:`add_gpu_check_arguments`, :func:`run_gpu_check`;
+``python -m moe_kernels.benchmark`` runs :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from .bench_roofline import (
+    SIZES,
+    Roofline,
+    expert_weight_bytes,
+    layer_flops,
+    layer_min_bytes,
+    parse_shapes,
+    scaled_shape,
+)
+from .bench_timing import available_memory_bytes, cache_bytes, measure_peaks, memory_budget_bytes, time_calls
+
+__all__ = ["add_bench_arguments", "run_bench", "add_gpu_check_arguments", "run_gpu_check", "main"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` flags; every default depends on the device and is resolved in
+    :func:`run_bench`."""
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu or cuda[:N] (default: cuda if present)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="activation and weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--size", choices=list(SIZES), default=None,
+                        help="full model shapes, or H and I divided by 16 (small) or 64 (tiny) "
+                             "(default: full on a GPU, small on the CPU)")
+    parser.add_argument("--shapes", default="all", help="'all' or a comma list: mixtral-8x7b, deepseek-v3, "
+                                                        "qwen3-30b-a3b, olmoe, gpt-oss-20b (prefixes work)")
+    parser.add_argument("--tokens", default=None, help="comma list of T (default: 1,16,128,1024,8192 full; "
+                                                       "1,16,128 small; 1,16 tiny)")
+    parser.add_argument("--mode", default="fwd", help="fwd, fwdbwd or both as 'fwd,fwdbwd'")
+    parser.add_argument("--routing", choices=["uniform", "skewed"], default="uniform",
+                        help="uniform random top-k, or Zipf-skewed over experts")
+    parser.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of --routing skewed (p_e ~ (e+1)^-s)")
+    parser.add_argument("--providers", default="default",
+                        help="'default', 'all' or a comma list, e.g. torch,torch:layer,torch:routing,reference,"
+                             "hf_eager,hf_grouped_mm,grouped_mm,triton,cuda")
+    parser.add_argument("--out", default="bench_out", help="output folder for results.csv/.md and roofline.png")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples per cell (default: 20 GPU, 7 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 GPU, 2 CPU)")
+    parser.add_argument("--cell-budget", type=float, default=None,
+                        help="seconds of sampling per cell, and cells estimated at over a quarter of it per "
+                             "call are skipped (default: 3 GPU, 1 CPU)")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="stop starting cells after this many seconds; the rest are marked skipped (0 = none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true", help="do not write roofline.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _int_list(name: str, spec: str) -> list[int]:
+    try:
+        vals = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected a comma list of positive integers, got {spec!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"{name}: expected a comma list of positive integers, got {spec!r}")
+    return vals
+
+
+def _resolve(args: argparse.Namespace) -> dict:
+    from .bench_providers import parse_providers
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but torch sees no CUDA GPU")
+    gpu = device.type == "cuda"
+    size = args.size or ("full" if gpu else "small")
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    if not modes or any(m not in ("fwd", "fwdbwd") for m in modes):
+        raise ValueError(f"mode: expected 'fwd', 'fwdbwd' or 'fwd,fwdbwd', got {args.mode!r}")
+    repeats = args.repeats if args.repeats is not None else (20 if gpu else 7)
+    if repeats < 1:
+        raise ValueError(f"repeats: expected >= 1, got {repeats}")
+    return {
+        "device": device,
+        "dtype": _DTYPES[args.dtype or ("bfloat16" if gpu else "float32")],
+        "size": size,
+        "shapes": [scaled_shape(s, size) for s in parse_shapes(args.shapes)],
+        "tokens": _int_list("tokens", args.tokens) if args.tokens else list(SIZES[size][1]),
+        "modes": modes,
+        "providers": parse_providers(args.providers, device),
+        "repeats": repeats,
+        "warmup": args.warmup if args.warmup is not None else (3 if gpu else 2),
+        "cell_budget": args.cell_budget if args.cell_budget is not None else (3.0 if gpu else 1.0),
+    }
+
+
+def _cell(prov, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict, base: dict) -> dict:
+    """Time one cell; returns its row (status ok / skipped / error)."""
+    from .bench_providers import build_calls
+
+    device, dtype = cfg["device"], cfg["dtype"]
+    row = dict(base, provider=prov.name)
+    reason = prov.unavailable(device, dtype, shape, mode)
+    if reason:
+        return dict(row, status="skipped", note=reason)
+    dbytes = torch.empty((), dtype=dtype).element_size()
+    active = sum(i.active_experts for i in inputs) / len(inputs)
+    valid = sum(int((i.routing.slot_expert < shape.num_experts).sum()) for i in inputs) / len(inputs)
+    flops = layer_flops(valid, shape.hidden, shape.intermediate, gated=shape.gated, mode=mode)
+    nbytes = layer_min_bytes(shape, t, active, dbytes, mode)
+    floor, bound = roof.floor(flops, nbytes)
+    row.update(active_experts=round(active, 2))
+    if prov.roofline:
+        row.update(flops=flops, min_bytes=nbytes, floor_ms=floor * 1e3, bound=bound)
+    # A loop over experts costs a host sync per expert on a GPU and is far off the floor.
+    est = floor * (3.0 if prov.loop_per_expert else 1.0)
+    if prov.loop_per_expert:
+        est += shape.num_experts * (100e-6 if device.type == "cuda" else 20e-6) * (3 if mode == "fwdbwd" else 1)
+    if est > cfg["cell_budget"] / 4:
+        return dict(row, status="skipped", note=f"estimated {est:.2g} s per call, over a quarter of "
+                                                f"--cell-budget {cfg['cell_budget']:g} s")
+    try:
+        calls = build_calls(prov, shape, weights, inputs, mode)
+        timing = time_calls(calls, device, warmup=cfg["warmup"], repeats=cfg["repeats"], budget_s=cfg["cell_budget"])
+    except Exception as exc:  # a failing provider must not stop the grid; the row says why
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return dict(row, status="error", note=msg[:300])
+    row.update(status="ok", median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, samples=timing.samples)
+    if prov.roofline:
+        row.update(tflops=flops / timing.median / 1e12, gbps=nbytes / timing.median / 1e9,
+                   frac_roofline=roof.fraction(flops, nbytes, timing.median))
+    return row
+
+
+def _command_line(args: argparse.Namespace, cfg: dict) -> str:
+    """The run as one command with every default spelled out (for results.md)."""
+    parts = ["moe-kernels bench", f"--device {cfg['device']}", f"--dtype {str(cfg['dtype']).replace('torch.', '')}",
+             f"--size {cfg['size']}", f"--shapes {args.shapes}", f"--tokens {','.join(map(str, cfg['tokens']))}",
+             f"--mode {','.join(cfg['modes'])}", f"--routing {args.routing}", f"--providers {args.providers}"]
+    if args.routing == "skewed":
+        parts.append(f"--zipf {args.zipf:g}")
+    return " ".join(parts)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the grid; prints the table, writes CSV, markdown and PNG. Exit code 0, or 1
+    if a cell failed with an error (skipped cells are not errors), 2 on bad flags."""
+    from .bench_providers import PROVIDERS, make_inputs, make_weights, rotation_copies
+    from .bench_report import CsvWriter, Progress, format_seconds, format_table, run_metadata, write_plot
+
+    if getattr(args, "_bench_error", None):
+        print(f"moe-kernels bench: {args._bench_error}", file=sys.stderr)
+        return 2
+    try:
+        cfg = _resolve(args)
+    except ValueError as exc:
+        print(f"moe-kernels bench: {exc}", file=sys.stderr)
+        return 2
+    device, dtype = cfg["device"], cfg["dtype"]
+    dtype_name = str(dtype).replace("torch.", "")
+    dbytes = torch.empty((), dtype=dtype).element_size()
+    torch.manual_seed(args.seed)
+    meta = run_metadata(device)
+    t0 = time.perf_counter()
+    roof = measure_peaks(device, dtype)
+    head = [f"moe_kernels bench on {meta['device_name']} [{device}], {dtype_name}, size {cfg['size']}, "
+            f"{args.routing} routing; torch {meta['torch']}, triton {meta['triton'] or '-'}, "
+            f"transformers {meta['transformers'] or '-'}, commit {meta['commit'] or '-'}, {meta['date']}",
+            f"measured peaks: matmul {roof.peak_flops / 1e12:.3g} TFLOP/s ({dtype_name}), copy "
+            f"{roof.peak_bytes / 1e9:.3g} GB/s (took {time.perf_counter() - t0:.1f} s)"]
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > 0.5 * cores + 0.5:
+            head.append(f"warning: load average {load:.1f} on {cores} cores: other processes share the CPU, "
+                        "times are noisy (and with several threads, much slower)")
+    print("\n".join(head), flush=True)
+    for name in cfg["providers"]:
+        reason = PROVIDERS[name].check(device, dtype, cfg["shapes"][0]) if cfg["shapes"] else None
+        if reason and args.providers.strip() in ("", "default"):
+            print(f"  {name}: not run: {reason}")
+    providers = [PROVIDERS[n] for n in cfg["providers"]
+                 if not (args.providers.strip() in ("", "default") and PROVIDERS[n].check(device, dtype, cfg["shapes"][0]))]
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "results.csv")
+    writer = CsvWriter(csv_path, meta)
+    cache, budget = cache_bytes(device), memory_budget_bytes(device)
+    weights: dict = {}
+    rows: list[dict] = []
+    grid = [(m, t, s) for m in cfg["modes"] for t in cfg["tokens"] for s in cfg["shapes"]]
+    progress = Progress(len(grid) * len(providers), enabled=not args.no_progress)
+    start = time.perf_counter()
+    try:
+        for mode, t, shape in grid:
+            base = {"shape": shape.name, "size": cfg["size"], "E": shape.num_experts, "k": shape.top_k,
+                    "H": shape.hidden, "I": shape.intermediate, "T": t, "mode": mode, "routing": args.routing,
+                    "dtype": dtype_name, "peak_tflops": roof.peak_flops / 1e12, "peak_gbps": roof.peak_bytes / 1e9}
+            over = args.budget and time.perf_counter() - start > args.budget
+            need = shape.num_experts * expert_weight_bytes(shape, dbytes) * (3 if "fwdbwd" in cfg["modes"] else 1)
+            too_big = shape not in weights and need > 0.6 * available_memory_bytes(device)
+            if over or too_big:
+                inputs = None
+                note = (f"--budget {args.budget:g} s spent" if over else
+                        f"weights (and grads) need {need / 2**30:.1f} GiB, more than 60% of the free memory")
+            else:
+                if shape not in weights:
+                    copies = rotation_copies(shape, dbytes, cache, budget)
+                    weights[shape] = make_weights(shape, dtype, device, copies, seed=args.seed)
+                inputs = make_inputs(shape, t, dtype, device, routing=args.routing, zipf=args.zipf,
+                                     copies=max(4, len(weights[shape])), seed=args.seed + t)
+            for prov in providers:
+                if inputs is None or (args.budget and time.perf_counter() - start > args.budget):
+                    if inputs is not None:
+                        note = f"--budget {args.budget:g} s spent"
+                    row = dict(base, provider=prov.name, status="skipped", note=note)
+                else:
+                    row = _cell(prov, shape, t, mode, weights[shape], inputs, roof, cfg, base)
+                row = {**meta, **row}
+                writer.write(row)
+                rows.append(row)
+                progress.update(f"{shape.name} T={t} {mode} {prov.name}")
+            del inputs
+    finally:
+        progress.close()
+        writer.close()
+    table = format_table(rows)
+    print(table)
+    md_path = os.path.join(args.out, "results.md")
+    with open(md_path, "w") as f:
+        f.write("\n\n".join([f"Command: `{_command_line(args, cfg)}`", *head,
+                             format_table(rows, markdown=True)]) + "\n")
+    png = None if args.no_plot else write_plot(rows, os.path.join(args.out, "roofline.png"))
+    errors = sum(r["status"] == "error" for r in rows)
+    print(f"\n{len(rows)} cells ({sum(r['status'] == 'ok' for r in rows)} ok, "
+          f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {errors} errors) in "
+          f"{format_seconds(time.perf_counter() - t0)}; wrote {csv_path}, {md_path}" + (f", {png}" if png else ""))
+    return 1 if errors else 0
+
+
+# --------------------------------------------------------------------------- gpu-check
+
+def _gpu_check_script() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.sh")
+
+
+def add_gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("outdir", help="folder for the logs, CSV, plots and summary")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="exercise the script on the CPU: no CUDA build, a tiny grid, a few tests")
+
+
+def run_gpu_check(args: argparse.Namespace) -> int:
+    """Runs bench/gpu_check.sh from the source tree (an editable install or a checkout;
+    a wheel does not ship it)."""
+    script = _gpu_check_script()
+    if not os.path.exists(script):
+        print(f"moe-kernels gpu-check: {script} not found; run it from a checkout of the repository "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
+    return subprocess.call(["bash", script, args.outdir, *(["--dry-run"] if args.dry_run else [])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_kernels.benchmark", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
