@@ -94,7 +94,7 @@ from torch import nn
 
 from .activations import Activation
 from .backends import get_backend
-from .backends.torch_backend import combine_slots
+from .backends.torch_backend import combine_slots, zero_link
 from .functional import check_inputs
 from .layer import MoE, MoEConfig
 from .params import ExpertParams, expert_params
@@ -116,17 +116,6 @@ def local_expert_range(num_experts: int, group=None) -> tuple[int, int]:
                          f"got {num_experts}")
     n = num_experts // world
     return rank * n, (rank + 1) * n
-
-
-def _zero_link(tensors) -> torch.Tensor | None:
-    # An exact 0 that depends on each tensor needing grad, so a rank that receives no rows
-    # still gives its experts a (zero) gradient instead of None.
-    link = None
-    for v in tensors:
-        if v is not None and v.requires_grad:
-            term = v.reshape(-1)[:0].sum()
-            link = term if link is None else link + term
-    return link
 
 
 def expert_parallel_experts(
@@ -194,7 +183,7 @@ def expert_parallel_experts(
         y = impl.experts(recv_rows, impl.plan(inner, params), params)
     else:
         y = recv_rows * 0
-        link = _zero_link((params.w13, params.w2, params.b13, params.b2))
+        link = zero_link(params.w13, params.w2, params.b13, params.b2)
         y = y if link is None else y + link
     y_back = all_to_all(y, send_splits, recv_splits, group)
 
@@ -338,13 +327,7 @@ class ExpertParallelMoE(nn.Module):
     def reset_parameters(self) -> None:
         """Same distributions as ``MoE``. The router draws from this rank's RNG: seed
         every rank alike or call :meth:`broadcast_replicated_` afterwards."""
-        h, i = self.config.hidden_size, self.config.intermediate_size
-        nn.init.normal_(self.router_weight, std=1.0 / math.sqrt(h))
-        nn.init.normal_(self.w13, std=1.0 / math.sqrt(h))
-        nn.init.normal_(self.w2, std=1.0 / math.sqrt(i))
-        for b in (self.b13, self.b2):
-            if b is not None:
-                nn.init.zeros_(b)
+        MoE.reset_parameters(self)
 
     def extra_repr(self) -> str:
         c = self.config

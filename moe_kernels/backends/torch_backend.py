@@ -36,7 +36,7 @@ def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+def zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
     """An exact 0-d zero that depends on each tensor that requires grad (a sum over an
     empty slice): keeps autograd connected, with zero gradients, when no slot reaches the
     matmuls. Unlike ``0 * x`` it stays 0 when ``x`` holds inf or NaN."""
@@ -77,7 +77,7 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
         pieces.append(a.new_zeros(s - start, n))
     out = torch.cat(pieces) if pieces else a.new_zeros(0, n)
     if start == 0:  # every slot dropped: nothing touched a, w or b
-        link = _zero_link(a, w, b)
+        link = zero_link(a, w, b)
         out = out if link is None else out + link
     return out
 
@@ -88,7 +88,7 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if plan.num_slots == 0:
         out = x.new_zeros(t, h)
-        link = _zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
+        link = zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
         return out if link is None else out + link
     src = plan.slot_token.index_select(0, plan.sorted_slot).long()
     # Backward of this gather sums the rows of a token's slots. index_select's backward

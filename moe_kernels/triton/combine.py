@@ -1,0 +1,162 @@
+"""The per-token combine ``out[t] = sum_j y[token_slots[t, j]]``: fused into a GEMM's
+epilogue (default), or as its own kernel.
+
+Fused (``_fused_combine``, called by gemm.py's kernel with ``FUSED_COMBINE``): after a
+program stores its tile of ``y`` it counts, per (token, column block), how many of the
+token's valid slots are done: a CTA barrier orders every thread's stores before an
+int32 ``atomic_add`` (acq_rel, GPU scope) per row, and the program whose add completes
+a token (the last arriver) sums ``y[token_slots[t, 0..K-1]]`` in column order, reading
+the other programs' rows through L2. The threadfence-reduction pattern: no float
+atomics, no waiting (no deadlock whatever the scheduling), and the sum's order is fixed,
+so the result is bitwise deterministic. The counters [T, column blocks] and the output
+rows of tokens without a valid slot are zeroed by the *previous* kernel's prologue
+(``_zero_prologue``: GEMM1 for GEMM2, dGEMM2 for dGEMM1), which stream order makes
+visible before the combining kernel starts.
+
+Separate (``_combine_fwd_kernel``): the fallback (``MOE_KERNELS_COMBINE=separate``),
+one extra launch, and the reference the fused path is checked against bit for bit: both
+sum the same ``y`` values in fp32 in ``token_slots`` column order. A token with no
+valid slot gets a zero row. No backward of its own: the experts' autograd (ops.py)
+differentiates the whole layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["combine", "combine_torch"]
+
+
+@triton.jit
+def _zero_prologue(
+    pid, nprog, T, KS, pro_count, pro_n, pro_f32_len,
+    token_slots_ptr,    # [T, KS] int32
+    pro_counter_ptr,    # [pro_count] int32, zeroed for the next kernel's combine
+    pro_out_ptr,        # [T, pro_n] next kernel's combined output: empty tokens' rows zeroed
+    pro_f32_ptr,        # [pro_f32_len] fp32 zeroed (the slot-weight gradient)
+    stride_pro_om,
+    PRO_COUNTERS: tl.constexpr, PRO_EMPTY_ROWS: tl.constexpr, PRO_F32: tl.constexpr,
+    KS_P2: tl.constexpr, BLOCK: tl.constexpr, PRO_T: tl.constexpr, PRO_N: tl.constexpr,
+):
+    # Grid-stride loops over every program of the launch, before its early exit.
+    offs = tl.arange(0, BLOCK)
+    if PRO_COUNTERS:
+        for i0 in range(pid * BLOCK, pro_count, nprog * BLOCK):
+            tl.store(pro_counter_ptr + i0 + offs, tl.zeros([BLOCK], tl.int32), mask=i0 + offs < pro_count)
+    if PRO_F32:
+        for i0 in range(pid * BLOCK, pro_f32_len, nprog * BLOCK):
+            tl.store(pro_f32_ptr + i0 + offs, tl.zeros([BLOCK], tl.float32), mask=i0 + offs < pro_f32_len)
+    if PRO_EMPTY_ROWS:
+        ks = tl.arange(0, KS_P2)
+        rows = tl.arange(0, PRO_T)
+        cols = tl.arange(0, PRO_N)
+        for t0 in range(pid * PRO_T, T, nprog * PRO_T):
+            tok = (t0 + rows).to(tl.int64)
+            tok_ok = tok < T
+            ts = tl.load(token_slots_ptr + tok[:, None] * KS + ks[None, :],
+                         mask=tok_ok[:, None] & (ks < KS)[None, :], other=-1)
+            empty = tok_ok & (tl.max(ts, axis=1) < 0)  # no valid slot: nobody else writes these rows
+            if tl.max(empty.to(tl.int32), axis=0) > 0:
+                for n0 in range(0, pro_n, PRO_N):
+                    tl.store(pro_out_ptr + tok[:, None] * stride_pro_om + (n0 + cols)[None, :],
+                             tl.zeros((PRO_T, PRO_N), tl.float32).to(pro_out_ptr.dtype.element_ty),
+                             mask=empty[:, None] & (n0 + cols < pro_n)[None, :])
+
+
+@triton.jit
+def _fused_combine(c_ptr,            # [S, N] this program's y rows were just stored (slot order)
+                   token_slots_ptr,  # [T, KS] int32
+                   counter_ptr,      # [T, num_pid_n] int32, zeroed by the previous kernel
+                   out_ptr,          # [T, N] combined rows
+                   token64, row_ok, cols, col_ok, offs_n, pid_n, num_pid_n, KS, stride_cm, stride_om,
+                   KS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Every thread's y stores happen before the counter update (barrier, then acq_rel
+    # atomics); one atomic per row: a [BLOCK_M, BLOCK_N] pointer tile with only column 0
+    # live, so each live element has exactly one owning thread and its own return value.
+    tl.debug_barrier()
+    ks = tl.arange(0, KS_P2)
+    ts = tl.load(token_slots_ptr + token64[:, None] * KS + ks[None, :],
+                 mask=row_ok[:, None] & (ks < KS)[None, :], other=-1)
+    n_valid = tl.sum((ts >= 0).to(tl.int32), axis=1)
+    first = row_ok[:, None] & (offs_n == 0)[None, :]
+    cnt_ptrs = counter_ptr + token64[:, None] * num_pid_n + pid_n + offs_n[None, :] * 0
+    old = tl.atomic_add(cnt_ptrs, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
+    old_row = tl.max(tl.where(first, old, -1), axis=1)
+    last = row_ok & (old_row == n_valid - 1)
+    tl.debug_barrier()  # the acquiring threads' view reaches the threads that load below
+    if tl.max(last.to(tl.int32), axis=0) > 0:
+        # .cg: the other programs' rows are read from L2, never from a stale L1 line.
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(0, KS):
+            sj = tl.load(token_slots_ptr + token64 * KS + j, mask=last, other=-1)
+            ok = last & (sj >= 0)
+            yj = tl.load(c_ptr + tl.where(ok, sj, 0).to(tl.int64)[:, None] * stride_cm + cols[None, :],
+                         mask=ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
+            total += yj.to(tl.float32)
+        tl.store(out_ptr + token64[:, None] * stride_om + cols[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=last[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_fwd_kernel(
+    y_ptr,            # [S, N] weighted per-slot rows
+    token_slots_ptr,  # [T, KS] int32 slots of each token, -1 padded
+    out_ptr,          # [T, N] combined rows
+    N, KS, stride_ym, stride_om,
+    BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, KS):
+        # The slot id broadcast along the row (one address: one transaction).
+        s = tl.load(token_slots_ptr + t * KS + j + tl.zeros((BLOCK_N,), dtype=tl.int64))
+        ok = col_ok & (s >= 0)
+        v = tl.load(y_ptr + tl.where(ok, s, 0).to(tl.int64) * stride_ym + cols, mask=ok, other=0.0)
+        total += v.to(tl.float32)
+    tl.store(out_ptr + t * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _check(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if y.dim() != 2:
+        raise ValueError(f"y: expected [S, N], got shape {tuple(y.shape)}")
+    if token_slots.dim() != 2 or token_slots.dtype != torch.int32 or not token_slots.is_contiguous():
+        raise ValueError(f"token_slots: expected a contiguous int32 [T, K] tensor, got {token_slots.dtype} "
+                         f"{tuple(token_slots.shape)}")
+    t = token_slots.shape[0]
+    if out is None:
+        return torch.empty(t, y.shape[1], dtype=y.dtype, device=y.device)
+    if tuple(out.shape) != (t, y.shape[1]) or out.dtype != y.dtype:
+        raise ValueError(f"out: expected {y.dtype} [{t}, {y.shape[1]}], got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def combine(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum each token's slot rows of ``y`` [S, N] (unit column stride) into ``out`` [T, N]."""
+    out = _check(y, token_slots, out)
+    t, ks = token_slots.shape
+    n = y.shape[1]
+    if y.stride(1) != 1 and n > 1:
+        raise ValueError(f"y: expected unit stride along its columns, got strides {y.stride()}")
+    if t == 0 or n == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(n))
+    _combine_fwd_kernel[(t, triton.cdiv(n, block))](y, token_slots, out, n, ks, y.stride(0), out.stride(0),
+                                                    BLOCK_N=block, num_warps=4)
+    return out
+
+
+def combine_torch(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch twin of :func:`combine` (same summation order, fp32)."""
+    out = _check(y, token_slots, out)
+    s, n = y.shape
+    ys = torch.cat([y.float(), y.new_zeros(1, n, dtype=torch.float32)])
+    idx = torch.where(token_slots < 0, torch.full_like(token_slots, s), token_slots).long()
+    total = torch.zeros(token_slots.shape[0], n, dtype=torch.float32, device=y.device)
+    for j in range(token_slots.shape[1]):
+        total += ys[idx[:, j]]
+    out.copy_(total.to(out.dtype))
+    return out

@@ -1,0 +1,168 @@
+"""Tile configurations of the grouped GEMMs: a heuristic, a pin, an optional autotune.
+
+Keyed on (E, N, K, dtype, compute capability) only, never on the token count: the
+plan's padding depends on ``BLOCK_M``, a CUDA graph or a ``torch.compile`` graph
+captured at one batch size must stay valid at another, and a config cache keyed on T
+would compile a new kernel for every batch size a server sees.
+
+Why the defaults (all four GEMMs of a layer share ``BLOCK_M``, the plan's padding;
+each GEMM picks its own ``BLOCK_N``/``BLOCK_K``/warps/stages from its (N, K)):
+
+* ``BLOCK_M = 64`` on sm_80 and newer. A Hopper warpgroup MMA (wgmma) is m64 per
+  warpgroup, so 64 is the smallest M that still runs on wgmma; at decode (about one
+  row per active expert) a 64-row block wastes only MMA issue slots, which hide under
+  the weight stream, while padded rows cost no memory traffic (their loads are
+  masked). 128 would halve that headroom at decode for large experts (Mixtral: two
+  experts of 4096x28672 each, 128 rows of MMA per weight tile is already near the
+  compute/bandwidth balance point of an H200), so the token-count-free compromise is 64.
+* ``BLOCK_N``: decode is a weight stream, and the stream only reaches full bandwidth
+  with a few CTAs per SM in flight. With fine-grained experts (N <= 2048 or E >= 32:
+  Qwen3-30B-A3B I=768, DeepSeek-V3 I=2048) a 128-wide tile leaves most of 132 SMs
+  idle at T=1 (Qwen3: 8 experts x 768/128 = 48 CTAs), so these use 64 (96 CTAs for
+  GEMM1, 8 x 2048/64 = 256 for GEMM2). Large experts (Mixtral I=14336) have plenty of
+  N tiles and take 128 for better A reuse at prefill (a gated GEMM1 tile then holds
+  two 64x128 accumulators: an effective 64x256 wgmma tile).
+* ``BLOCK_K = 64`` for 16-bit types (128-byte rows: one swizzled shared-memory line,
+  the widest wgmma/cp.async pattern), 32 for fp32 (same bytes).
+* ``num_stages``: sm_90 has 227 KB of shared memory per CTA: 4 stages of a gated
+  64x64 A tile + two 64x128 B tiles (40 KB a stage) = 160 KB, deep enough to keep
+  wgmma fed at prefill. sm_80 (163 KB, no wgmma, cp.async only) takes 3.
+* ``num_warps = 4``: one warpgroup per 64-row tile (wgmma needs a whole warpgroup per
+  m64); 8 warps for the 128-wide N tiles so the epilogue's register tile halves, and
+  for the activation-backward GEMM, whose epilogue holds five fp32 tiles at once (with
+  4 warps ptxas spills it on sm_90; with 8 it stays at <= 186 registers, no spills).
+* ``GROUP_M = 8``: program ids are swizzled so that 8 consecutive row blocks (mostly
+  one expert's) sweep the N tiles together: the expert's weight tiles are read from
+  HBM once and hit L2 for the other 7 blocks at prefill.
+
+Overrides:
+
+* ``MOE_KERNELS_TRITON_CONFIG="BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3"``
+  pins any subset of the fields for every GEMM (bad text is a ValueError naming the
+  variable).
+* ``MOE_KERNELS_AUTOTUNE=1`` lets ``triton.autotune`` pick ``BLOCK_K``, warps and
+  stages among :func:`autotune_configs` on a GPU, keyed on (N, K, dtype, GEMM mode) like
+  the heuristic (``BLOCK_M`` stays the plan's and ``BLOCK_N`` the heuristic's).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["GemmConfig", "gemm_config", "layer_block_m", "pinned_config", "autotune_enabled",
+           "autotune_configs", "capability_of"]
+
+ENV_CONFIG = "MOE_KERNELS_TRITON_CONFIG"
+ENV_AUTOTUNE = "MOE_KERNELS_AUTOTUNE"
+_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int = 64
+    BLOCK_N: int = 64
+    BLOCK_K: int = 64
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in _FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"{name}: expected a power of two, got {v}")
+        if self.BLOCK_M < 16 or self.BLOCK_N < 16 or self.BLOCK_K < 16:
+            raise ValueError(f"BLOCK_M, BLOCK_N, BLOCK_K: expected >= 16 (tl.dot's minimum), got "
+                             f"{self.BLOCK_M}, {self.BLOCK_N}, {self.BLOCK_K}")
+
+
+def capability_of(device: torch.device | str | None) -> tuple[int, int]:
+    """Compute capability of a CUDA device; ``(0, 0)`` for the CPU (the interpreter)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def pinned_config() -> dict[str, int]:
+    """The fields pinned by ``MOE_KERNELS_TRITON_CONFIG`` (empty when unset)."""
+    text = os.environ.get(ENV_CONFIG, "").strip()
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _FIELDS:
+            raise ValueError(f"{ENV_CONFIG}: expected comma-separated NAME=INT with NAME in {list(_FIELDS)}, "
+                             f"got {item!r}")
+        try:
+            out[key] = int(val)
+        except ValueError:
+            raise ValueError(f"{ENV_CONFIG}: expected an int for {key}, got {val.strip()!r}") from None
+    return out
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(ENV_AUTOTUNE, "0") == "1"
+
+
+def layer_block_m(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                  capability: tuple[int, int]) -> int:
+    """The row-block size shared by a layer's GEMMs (the plan is padded to it)."""
+    pin = pinned_config().get("BLOCK_M")
+    if pin is not None:
+        return GemmConfig(BLOCK_M=pin).BLOCK_M
+    if capability == (0, 0):
+        return 16  # the interpreter: numpy is fastest with few, small programs of work
+    return 64
+
+
+def gemm_config(num_experts: int, n: int, k: int, dtype: torch.dtype, capability: tuple[int, int],
+                block_m: int, gated_b: bool = False, heavy_epilogue: bool = False) -> GemmConfig:
+    """Config of one grouped GEMM ``[rows, k] x [E, n, k]^T``; ``gated_b`` says the B
+    tile is doubled (GEMM1 of a gated activation: gate and up rows); ``heavy_epilogue``
+    (the activation backward: five fp32 tiles live at once) caps ``BLOCK_N`` at 64 and
+    takes 8 warps, which keeps it free of register spills on sm_90."""
+    if capability == (0, 0):
+        cfg = GemmConfig(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+    else:
+        wide = dtype in (torch.float16, torch.bfloat16)
+        fine_grained = n <= 2048 or num_experts >= 32
+        bn = 64 if (fine_grained or heavy_epilogue) else 128
+        bk = 64 if wide else 32
+        if capability >= (9, 0):
+            stages = 4 if wide else 3
+        else:
+            stages = 3
+        warps = 8 if (bn >= 128 or heavy_epilogue) else 4
+        # Keep shared memory under the sm_80 limit too: (A + B stages) in bytes.
+        esize = 2 if wide else 4
+        per_stage = (block_m * bk + (2 if gated_b else 1) * bn * bk) * esize
+        limit = 220 * 1024 if capability >= (9, 0) else 160 * 1024
+        while stages > 2 and per_stage * stages > limit:
+            stages -= 1
+        cfg = GemmConfig(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    pin = pinned_config()
+    if pin:
+        pin = dict(pin)
+        pin.pop("BLOCK_M", None)  # the plan's block size wins; layer_block_m already read it
+        cfg = replace(cfg, **pin)
+    return cfg
+
+
+def autotune_configs() -> list[tuple[dict, int, int]]:
+    """Candidates for ``MOE_KERNELS_AUTOTUNE=1``: ``({"BLOCK_K": bk}, num_warps,
+    num_stages)``. BLOCK_M is the plan's and BLOCK_N the heuristic's (buffer shapes
+    depend on them); configs that do not fit in shared memory are skipped by Triton."""
+    return [({"BLOCK_K": bk}, w, st) for bk in (32, 64, 128) for w in (4, 8) for st in (3, 4, 5)]
