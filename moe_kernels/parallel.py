@@ -86,7 +86,6 @@ run the backward of every forward it ran (as with DDP), since the backward excha
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist

@@ -19,7 +19,7 @@ from moe_kernels.routing import Routing
 
 def py_expected_plan(r: Routing, bm: int) -> dict:
     """The plan of ``r`` from its definition, with Python lists."""
-    s, e, t, k = r.num_slots, r.num_experts, r.num_tokens, r.max_slots_per_token
+    s, e, t = r.num_slots, r.num_experts, r.num_tokens
     se, st = r.slot_expert.tolist(), r.slot_token.tolist()
     counts = [se.count(x) for x in range(e)]
     offsets = [0]
