@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation, apply_activation
+from .act import _act_bwd, _act_fwd
 from .combine import _fused_combine, _zero_prologue
 from .configs import GemmConfig, autotune_configs, autotune_enabled, capability_of, gemm_config
 
@@ -59,71 +60,6 @@ _A_ROWS = {"token": 0, "slot": 1, "padded": 2}
 _C_ROWS = {"slot": 1, "padded": 2}
 _EPI = {"none": 0, "act": 1, "act_bwd": 2}
 _PRO_BLOCK = 1024
-
-
-# --------------------------------------------------------------------------- activations
-
-
-@triton.jit
-def _gelu_parts(v, TANH: tl.constexpr):
-    # gelu(v) and gelu'(v), erf or tanh form.
-    if TANH:
-        c: tl.constexpr = 0.7978845608028654  # sqrt(2/pi)
-        inner = c * (v + 0.044715 * v * v * v)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh without libdevice (the interpreter has no tanh)
-        f = 0.5 * v * (1.0 + t)
-        d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
-        f = v * cdf
-        d = cdf + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
-    return f, d
-
-
-@triton.jit
-def _act_parts(v, ACT: tl.constexpr, alpha):
-    # (a(v), a'(v)) of the gate nonlinearity of ACT (fp32); swiglu_oai is handled by the caller.
-    if ACT == 1 or ACT == 8:  # silu
-        s = tl.sigmoid(v)
-        return v * s, s + v * s * (1.0 - s)
-    elif ACT == 2 or ACT == 5:
-        return _gelu_parts(v, False)
-    elif ACT == 3 or ACT == 6:
-        return _gelu_parts(v, True)
-    elif ACT == 7:
-        return tl.maximum(v, 0.0), (v > 0.0).to(tl.float32)
-    else:  # swiglu_oai gate: v * sigmoid(alpha v)
-        s = tl.sigmoid(alpha * v)
-        return v * s, s + alpha * v * s * (1.0 - s)
-
-
-@triton.jit
-def _act_fwd(g, u, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
-    if ACT == 4:
-        gc = tl.minimum(g, limit)
-        uc = tl.minimum(tl.maximum(u, -limit), limit)
-        a, _ = _act_parts(gc, ACT, alpha)
-        return (uc + 1.0) * a
-    a, _ = _act_parts(g, ACT, alpha)
-    if GATED:
-        return a * u
-    return a
-
-
-@triton.jit
-def _act_bwd(g, u, dh, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
-    # Returns (h, dg, du) for h = act(g, u) and upstream gradient dh (fp32).
-    if ACT == 4:
-        gc = tl.minimum(g, limit)
-        uc = tl.minimum(tl.maximum(u, -limit), limit)
-        a, da = _act_parts(gc, ACT, alpha)
-        dg = tl.where(g <= limit, dh * (uc + 1.0) * da, 0.0)  # clamp passes the gradient at the bound, like torch
-        du = tl.where((u >= -limit) & (u <= limit), dh * a, 0.0)
-        return (uc + 1.0) * a, dg, du
-    a, da = _act_parts(g, ACT, alpha)
-    if GATED:
-        return a * u, dh * u * da, dh * a
-    return a, dh * da, dh
 
 
 # --------------------------------------------------------------------------- kernel
