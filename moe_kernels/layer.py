@@ -167,17 +167,30 @@ class MoE(nn.Module):
             routing.losses["z_loss"] = z_loss(logits)
         return routing
 
+    def _expert_params(self, dtype: torch.dtype):
+        """The expert weights in the compute dtype: under ``torch.autocast`` the float32
+        master weights are cast (differentiably) to the autocast dtype, as autocast does
+        for ``nn.Linear``; otherwise they are used as they are."""
+        weights = [self.w13, self.w2, self.b13, self.b2]
+        if self.w13.dtype != dtype:
+            weights = [None if w is None else w.to(dtype) for w in weights]
+        return expert_params(*weights, activation=self.activation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         if x.shape[-1] != c.hidden_size:
             raise ValueError(f"x: expected last dimension hidden_size={c.hidden_size}, got shape {tuple(x.shape)}")
         x2d = x.reshape(-1, c.hidden_size).contiguous()
-        params = expert_params(self.w13, self.w2, self.b13, self.b2, activation=self.activation)
+        dtype = self.w13.dtype
+        if torch.is_autocast_enabled(x2d.device.type) and x2d.dtype.is_floating_point:
+            dtype = torch.get_autocast_dtype(x2d.device.type)
+            x2d = x2d.to(dtype)
+        params = self._expert_params(dtype)
         check_inputs(x2d, params)
         backend = get_backend(c.backend, x2d.device)
         routing = self.route(x2d)
         if x2d.shape[0] == 0:
-            out = x2d.new_zeros(0, c.hidden_size)
+            out = x2d * 0  # empty, but connected to x for autograd
         else:
             out = backend.experts(x2d, backend.plan(routing, params), params)
         self.losses = routing.losses

@@ -51,6 +51,7 @@ __all__ = [
     "dense_softmax",
     "z_loss",
     "switch_load_balancing_loss",
+    "topk_load_balancing_loss",
     "cv_squared",
     "expert_choice_capacity",
     "switch_capacity",
@@ -229,12 +230,20 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     w, ids = _topk(probs, top_k)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
-    losses = {}
-    if t:
-        f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
-            0, ids.reshape(-1), torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device)) / (t * top_k)
-        losses["load_balancing"] = e * torch.sum(f * probs.mean(dim=0))
+    losses = {"load_balancing": topk_load_balancing_loss(probs, ids)} if t else {}
     return _token_major(ids, w, e, losses)
+
+
+def topk_load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """The top-k load-balancing loss of :func:`softmax_topk`: ``E * sum_i f_i * P_i``
+    with ``f_i`` the share of the ``T*k`` assignments in ``expert_ids`` [T, k] that went
+    to expert ``i`` and ``P_i`` the mean of ``probs`` [T, E] (router softmax). Every
+    backend with a fused softmax top-k router reports it through this function."""
+    t, e = probs.shape
+    ids = expert_ids.reshape(-1).long()
+    f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
+        0, ids, torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device)) / max(ids.numel(), 1)
+    return e * torch.sum(f * probs.mean(dim=0))
 
 
 def grouped_sigmoid_topk(

@@ -167,3 +167,38 @@ def test_layer_empty_and_dtypes():
 def test_config_and_kwargs_are_exclusive():
     with pytest.raises(ValueError, match="config"):
         MoE(MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E), top_k=3)
+
+
+# --- autocast (mixed precision with float32 master weights) -----------------------------
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "switch"])
+def test_layer_under_autocast_casts_weights_and_trains_fp32_masters(router):
+    # Edge: bf16 activations from autocast meet float32 parameters; the layer must cast
+    # like nn.Linear does, return bf16, and give float32 gradients to the masters.
+    torch.manual_seed(3)
+    layer = MoE(hidden_size=24, intermediate_size=40, num_experts=5, top_k=2, router=router, backend="torch")
+    x = torch.randn(2, 7, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    # The same computation done by hand in bf16 (the reference loop on cast weights).
+    from moe_kernels import expert_params, moe_reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = layer.route(x.reshape(-1, 24).to(torch.bfloat16))
+    p = expert_params(layer.w13.detach().bfloat16(), layer.w2.detach().bfloat16(), activation="swiglu")
+    want = moe_reference(x.reshape(-1, 24).bfloat16(), routing, p).reshape(x.shape)
+    torch.testing.assert_close(y.float(), want.float(), atol=5e-2, rtol=5e-2)
+    y.float().square().sum().backward()
+    assert layer.w13.grad is not None and layer.w13.grad.dtype == torch.float32
+    assert bool(layer.w13.grad.abs().sum() > 0)
+
+
+def test_layer_empty_batch_keeps_autograd_connected():
+    # Edge: T = 0: the output is empty but backward through it must still work.
+    layer = MoE(hidden_size=8, intermediate_size=6, num_experts=3, top_k=1, backend="torch")
+    x = torch.randn(0, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8)
+    (y.sum() + layer.aux_loss).backward()
+    assert x.grad is not None and x.grad.shape == (0, 8)
