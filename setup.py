@@ -1,9 +1,16 @@
 """Build of the optional CUDA extension moe_kernels._C (package metadata: pyproject.toml).
 
-The extension is built by CMakeLists.txt when a CUDA toolchain is found and skipped
-(with a message) otherwise, so ``pip install .`` and ``pip install -e .`` always work;
+The extension is built when a CUDA toolchain is found and skipped (with a message)
+otherwise, so ``pip install .`` and ``pip install -e .`` always work;
 ``moe_kernels.cuda_backend`` then says why the cuda backend is unavailable. No step
 asks for a GPU.
+
+Two builders, one description: ``_build_spec`` computes every input of the build
+(csrc/tools/device_compile.py's command, the defines, flags, include folders, link
+libraries and the output file) and either hands it to CMakeLists.txt, when ``cmake`` is
+found (on ``PATH``, else from the ``cmake`` Python package), or runs the same commands
+itself with the system C++ compiler (``_build_direct``: machines with no cmake and no
+network). Change the build here, never in CMakeLists.txt alone.
 
 Environment:
 
@@ -18,6 +25,8 @@ Environment:
   nvidia-nvfatbin-cu12, nvidia-cuda-runtime-cu12), which ship no nvcc: device code goes
   through NVRTC (see csrc/tools/device_compile.py). scripts/build_wheels.sh uses it.
 * ``MAX_JOBS``: parallel compile jobs (default: the number of CPUs).
+* ``MOE_KERNELS_BUILDER=cmake|direct``: force one builder (default: cmake when found,
+  else direct). ``CXX`` (else sysconfig's, else ``c++``): the direct builder's compiler.
 """
 
 from __future__ import annotations
@@ -25,16 +34,34 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+DEVICE_TOOL = CSRC / "tools" / "device_compile.py"
 DEFAULT_ARCHS = "80;90a;100a"
+
+# The build, for both builders (CMakeLists.txt receives all of it from _cmake_args).
+IMAGES = ("routing", "plan", "permute")  # csrc/<image>.cu -> <image>.fatbin + <image>.ptxas.log
+HOST_SOURCES = ("bindings.cpp", "ops.cpp", "runtime.cpp", "images.cpp")
+EMBEDDING_SOURCE = "images.cpp"  # .incbin's the images, so it compiles after them
+BUILD_TYPE_FLAGS = ["-O3", "-DNDEBUG", "-fPIC"]  # a Release build of a loadable module
+CXX_FLAGS = ["-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
+# Static CUDA runtime, its symbols kept private (--exclude-libs) and bound inside the
+# module (-Bsymbolic), so the process's other CUDA runtimes (torch's) never mix in;
+# -s strips the symbol table, as pybind11's CMake helper does for Release builds.
+LINK_FLAGS = ["-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic", "-s"]
+SYSTEM_LIBS = ["-lpthread", "-ldl", "-lrt"]  # what libcudart_static.a needs
 
 
 class CMakeExtension(Extension):
@@ -62,7 +89,7 @@ def _nvcc_toolchain() -> dict | None:
     home = nvcc.resolve().parent.parent
     # nvcc may be a wrapper script elsewhere (/usr/local/bin/nvcc): ask it where it lives.
     dry = subprocess.run([str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
     if top:
         home = Path(top.group(1).strip()).resolve()
@@ -73,9 +100,10 @@ def _nvcc_toolchain() -> dict | None:
     if include is None or cudart is None:
         raise RuntimeError(f"moe_kernels: found {nvcc} but not the CUDA runtime's headers and libcudart_static.a "
                            f"under {home}; set CUDA_HOME to a complete toolkit or MOE_KERNELS_SKIP_CUDA_BUILD=1")
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([str(nvcc), "--version"], check=False, capture_output=True, text=True).stdout
     m = re.search(r"V(\d+\.\d+\.\d+)", out)
-    codes = subprocess.run([str(nvcc), "--list-gpu-code"], capture_output=True, text=True).stdout.split()
+    codes = subprocess.run([str(nvcc), "--list-gpu-code"], check=False, capture_output=True,
+                           text=True).stdout.split()
     return {"compiler": "nvcc", "version": m.group(1) if m else "?", "nvcc": str(nvcc),
             "include": str(include), "cudart_static": str(cudart), "gpu_codes": codes}
 
@@ -120,8 +148,170 @@ def _pip_toolchain(root: Path) -> dict:
     return tc
 
 
+def _describe_archs(archs: str) -> tuple[list[str], list[str]]:
+    """(real, PTX) architectures, as csrc/tools/device_compile.py reads ``archs``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moe_kernels_device_compile", DEVICE_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.parse_archs(archs)
+    except SystemExit as e:  # its command-line way of saying ValueError
+        raise RuntimeError(f"moe_kernels: {e}") from None
+
+
+def _c_string(value: str) -> str:
+    """``value`` as a C string literal, for a -D define (no shell in between)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _build_spec(tc: dict, image_dir: Path) -> dict:
+    """Every input of the build, for either builder. CMakeLists.txt adds nothing of its
+    own (no build type, no pybind11 CMake helpers), so what _build_direct runs is what
+    CMake runs."""
+    import pybind11
+
+    archs = _archs(tc)
+    real, ptx = _describe_archs(archs)
+    python_include = sysconfig.get_paths()["include"]
+    if not (Path(python_include) / "Python.h").is_file():
+        raise RuntimeError(f"moe_kernels: no Python.h in {python_include}; install the Python development headers "
+                           "(e.g. python3-dev) or set MOE_KERNELS_SKIP_CUDA_BUILD=1")
+    cuda_includes = [d for d in tc["include"].split(";") if d]
+    device_args = ["--archs", ",".join(a for a in re.split(r"[;,\s]+", archs) if a), "--include", str(CSRC)]
+    for d in cuda_includes:
+        device_args += ["--include", d]
+    if tc["compiler"] == "nvcc":
+        device_args += ["--compiler", "nvcc", "--nvcc", tc["nvcc"]]
+    else:
+        device_args += ["--compiler", "nvrtc", "--nvrtc-lib", tc["nvrtc_lib"], "--nvfatbin-lib", tc["nvfatbin_lib"],
+                        "--ptxas", tc["ptxas"]]
+    defines = {
+        "MOE_IMAGE_DIR": str(image_dir),  # where csrc/images.cpp .incbin's the images from
+        "MOE_KERNELS_ARCHS": ",".join(real),
+        "MOE_KERNELS_PTX": ",".join(ptx),
+        "MOE_KERNELS_DEVICE_COMPILER": f"{tc['compiler']} {tc['version']}",
+    }
+    return {
+        "image_dir": image_dir,
+        # + --src/--out/--log per image (_device_command; CMakeLists.txt does the same)
+        "device_command": [sys.executable, str(DEVICE_TOOL), *device_args],
+        "defines": [f"{k}={_c_string(v)}" for k, v in defines.items()],
+        "include_dirs": [str(CSRC), *cuda_includes],
+        "system_include_dirs": [python_include, pybind11.get_include()],  # -isystem: outside -Werror
+        "cxx_flags": [*BUILD_TYPE_FLAGS, *CXX_FLAGS],
+        "link_flags": LINK_FLAGS,
+        "link_libs": [tc["cudart_static"], *SYSTEM_LIBS],
+    }
+
+
+def _device_command(spec: dict, image: str) -> list[str]:
+    d = spec["image_dir"]
+    return [*spec["device_command"], "--src", str(CSRC / f"{image}.cu"), "--out", str(d / f"{image}.fatbin"),
+            "--log", str(d / f"{image}.ptxas.log")]
+
+
+def _cmake_args(spec: dict, output: Path) -> list[str]:
+    def cmake_list(items) -> str:
+        items = [str(i) for i in items]
+        bad = [i for i in items if ";" in i]
+        if bad:
+            raise RuntimeError(f"moe_kernels: CMake cannot take {bad} (a ';' in a path); "
+                               "use MOE_KERNELS_BUILDER=direct")
+        return ";".join(items)
+
+    values = {
+        "IMAGES": IMAGES, "IMAGE_DIR": [spec["image_dir"]], "DEVICE_COMMAND": spec["device_command"],
+        "HOST_SOURCES": HOST_SOURCES, "EMBEDDING_SOURCE": [EMBEDDING_SOURCE], "DEFINES": spec["defines"],
+        "INCLUDE_DIRS": spec["include_dirs"], "SYSTEM_INCLUDE_DIRS": spec["system_include_dirs"],
+        "CXX_FLAGS": spec["cxx_flags"], "LINK_FLAGS": spec["link_flags"], "LINK_LIBS": spec["link_libs"],
+        "OUTPUT": [output],
+    }
+    # An empty build type: the flags are all in CXX_FLAGS, as the direct build has them.
+    return ["-DCMAKE_BUILD_TYPE="] + [f"-DMOE_KERNELS_{k}:STRING={cmake_list(v)}" for k, v in values.items()]
+
+
+def _find_tool(name: str, package: str, bin_dir_attr: str) -> str | None:
+    """``name`` on PATH, else the one of its PyPI package (cmake, ninja), whose scripts
+    are off PATH when its environment is not activated."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        exe = Path(getattr(__import__(package), bin_dir_attr)) / name
+        if exe.is_file():
+            return str(exe)
+    except (ImportError, AttributeError, TypeError):
+        pass
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.is_file() else None
+
+
+def _cxx() -> list[str]:
+    """The direct build's C++ compiler: CXX (as CMake reads it), else Python's own, else c++."""
+    for candidate in (os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++"):
+        cmd = shlex.split(candidate or "")
+        if cmd and shutil.which(cmd[0]):
+            return cmd
+    raise RuntimeError("moe_kernels: no C++ compiler (CXX, sysconfig's CXX, c++) to build the CUDA extension; "
+                       "install one, or set MOE_KERNELS_SKIP_CUDA_BUILD=1")
+
+
+def _run(cmd: list[str]) -> None:
+    print(shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _build_direct(spec: dict, output: Path, work: Path, jobs: int) -> None:
+    """What CMakeLists.txt does with ``spec``, without CMake: the images and the host
+    objects in parallel (the embedding source after the images), then the link."""
+    cxx = _cxx()
+    # CMake's CMAKE_CXX_FLAGS / linker flags start from these.
+    env_cxxflags = shlex.split(os.environ.get("CXXFLAGS", ""))
+    env_ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
+    compile_cmd = [*cxx, *env_cxxflags, *(f"-D{d}" for d in spec["defines"]),
+                   *(f"-I{d}" for d in spec["include_dirs"])]
+    for d in spec["system_include_dirs"]:
+        compile_cmd += ["-isystem", d]
+    compile_cmd += spec["cxx_flags"]
+    objects_dir = work / "objects"
+    for d in (objects_dir, spec["image_dir"], output.parent):
+        d.mkdir(parents=True, exist_ok=True)
+
+    def compile_source(source: str) -> str:
+        obj = objects_dir / f"{source}.o"
+        _run([*compile_cmd, "-c", str(CSRC / source), "-o", str(obj)])
+        return str(obj)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        images = [pool.submit(_run, _device_command(spec, image)) for image in IMAGES]
+        objects = [pool.submit(compile_source, s) for s in HOST_SOURCES if s != EMBEDDING_SOURCE]
+        for job in images:
+            job.result()
+        objects.append(pool.submit(compile_source, EMBEDDING_SOURCE))
+        objects = [job.result() for job in objects]
+    _run([*cxx, *env_cxxflags, *env_ldflags, *spec["link_flags"], "-shared", "-o", str(output), *objects,
+          *spec["link_libs"]])
+
+
+def _build_cmake(cmake: str, ninja: str | None, spec: dict, output: Path, build_dir: Path, jobs: int) -> None:
+    cache = build_dir / "CMakeCache.txt"
+    if cache.exists():
+        # A tree configured from an isolated build environment that pip has since deleted.
+        make = re.search(r"^CMAKE_MAKE_PROGRAM:\w+=(.*)$", cache.read_text(), re.MULTILINE)
+        if make and make.group(1) and not Path(make.group(1)).exists():
+            shutil.rmtree(build_dir)
+    args = [cmake, "-S", str(ROOT), "-B", str(build_dir), *_cmake_args(spec, output)]
+    if not cache.exists() and ninja:
+        args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    subprocess.run(args, check=True)
+    subprocess.run([cmake, "--build", str(build_dir), "-j", str(jobs)], check=True)
+
+
 class BuildExt(build_ext):
-    """Builds CMakeExtension modules with CMake, or skips them with a message."""
+    """Builds CMakeExtension modules with CMake (or, without it, directly), or skips
+    them with a message."""
 
     def run(self) -> None:
         if os.environ.get("MOE_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
@@ -149,38 +339,36 @@ class BuildExt(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
-        import pybind11
-
+        builder = os.environ.get("MOE_KERNELS_BUILDER", "").strip().lower()
+        if builder not in ("", "cmake", "direct"):
+            raise RuntimeError(f"MOE_KERNELS_BUILDER: expected cmake or direct, got {builder!r}")
+        cmake = ninja = None
+        why = "MOE_KERNELS_BUILDER=direct"
+        if builder != "direct":
+            cmake = _find_tool("cmake", "cmake", "CMAKE_BIN_DIR")
+            ninja = _find_tool("ninja", "ninja", "BIN_DIR")
+            why = "no cmake found (PATH, the cmake Python package)"
+            if cmake and not (ninja or shutil.which("make")):
+                why, cmake = f"{cmake} found but neither ninja nor make", None
+            if builder == "cmake" and cmake is None:
+                raise RuntimeError("MOE_KERNELS_BUILDER=cmake: no cmake (with ninja or make) found; pip install cmake")
         tc = self._toolchain
-        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_temp = Path(self.build_temp).resolve() / "moe_kernels_cuda"
-        build_temp.mkdir(parents=True, exist_ok=True)
-        cmake = shutil.which("cmake")
-        if cmake is None:
-            raise RuntimeError("moe_kernels: cmake is needed to build the CUDA extension (pip install cmake)")
-        args = [
-            cmake, "-S", str(ROOT), "-B", str(build_temp),
-            f"-DMOE_KERNELS_OUTPUT_DIR={extdir}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DMOE_KERNELS_CUDA_ARCHS={_archs(tc)}",
-            f"-DMOE_KERNELS_DEVICE_COMPILER={tc['compiler']}",
-            f"-DMOE_KERNELS_DEVICE_COMPILER_VERSION={tc['version']}",
-            f"-DMOE_KERNELS_CUDA_INCLUDE_DIR={tc['include']}",
-            f"-DMOE_KERNELS_CUDART_STATIC={tc['cudart_static']}",
-        ]
-        if tc["compiler"] == "nvcc":
-            args.append(f"-DMOE_KERNELS_NVCC={tc['nvcc']}")
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        work = Path(self.build_temp).resolve()
+        jobs = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+        start = time.monotonic()
+        if cmake:
+            print(f"moe_kernels: building the CUDA extension with CMake ({cmake}) and {tc['compiler']} "
+                  f"{tc['version']} into {output}", flush=True)
+            build_dir = work / "moe_kernels_cuda"
+            _build_cmake(cmake, ninja, _build_spec(tc, build_dir / "images"), output, build_dir, jobs)
         else:
-            args += [f"-DMOE_KERNELS_NVRTC_LIB={tc['nvrtc_lib']}", f"-DMOE_KERNELS_NVFATBIN_LIB={tc['nvfatbin_lib']}",
-                     f"-DMOE_KERNELS_PTXAS={tc['ptxas']}"]
-        if not (build_temp / "CMakeCache.txt").exists() and shutil.which("ninja"):
-            args += ["-G", "Ninja"]
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        print(f"moe_kernels: building the CUDA extension with {tc['compiler']} {tc['version']} into {extdir}",
-              flush=True)
-        subprocess.run(args, check=True)
-        subprocess.run([cmake, "--build", str(build_temp), "-j", jobs], check=True)
+            print(f"moe_kernels: {why}: building the CUDA extension directly (C++ compiler {shlex.join(_cxx())}) "
+                  f"with {tc['compiler']} {tc['version']} into {output}", flush=True)
+            build_dir = work / "moe_kernels_cuda_direct"
+            _build_direct(_build_spec(tc, build_dir / "images"), output, build_dir, jobs)
+        print(f"moe_kernels: CUDA extension built by the {'cmake' if cmake else 'direct'} build in "
+              f"{time.monotonic() - start:.1f} s", flush=True)
 
 
 setup(ext_modules=[CMakeExtension("moe_kernels._C")], cmdclass={"build_ext": BuildExt})

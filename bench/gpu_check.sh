@@ -95,7 +95,7 @@ if (( DRY )); then
 else
   DEVICE=cuda
   BUILD=(bash -c "'$PY' -m pip install --no-build-isolation --no-deps -v -e . \
-         || { echo '== pip install failed: trying setup.py build_ext --inplace'; '$PY' setup.py build_ext --inplace; }")
+         || { echo '== pip install failed: trying setup.py build_ext --inplace'; '$PY' setup.py build_ext --inplace --force; }")
   TESTS_GPU=("$PY" -m pytest -v -p no:cacheprovider -m gpu tests)
   TESTS_REST=("$PY" -m pytest -v -p no:cacheprovider -m "not gpu" tests)
   # No reference loop here (HF eager is the loop peer; the reference is slow at E=256).
@@ -109,7 +109,7 @@ echo "gpu_check: repo $REPO, output $OUT, $([ $DRY = 1 ] && echo 'DRY RUN on the
 
 run_step env 30 bash -c "date -u; uname -a; '$PY' -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available())'; \
   '$PY' -c 'import triton; print(\"triton\", triton.__version__)' || true; command -v nvcc >/dev/null && nvcc --version | tail -n 2; \
-  command -v cmake >/dev/null && cmake --version | head -n 1 || echo 'no cmake (the CUDA extension build needs it)'; \
+  command -v cmake >/dev/null && cmake --version | head -n 1 || echo 'no cmake (setup.py builds the CUDA extension directly)'; \
   command -v nvidia-smi >/dev/null && nvidia-smi || echo 'no nvidia-smi'; git -C '$REPO' log -1 --oneline || true"
 run_step build "$(cap "${GPU_CHECK_BUILD_S:-170}" 230)" "${BUILD[@]}"
 run_step info 30 "$PY" -m moe_kernels info
