@@ -70,6 +70,11 @@ int driver_version() {
   return v;
 }
 
+void load_images(int device) {
+  moe_ext::DeviceGuard guard("load_images", device);
+  moe_ext::load_images("load_images");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -103,6 +108,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_m"));
   m.def("build_info", &build_info, "CUDA version, real archs, PTX archs and device compiler of this build.");
   m.def("ptxas_log", &ptxas_log, "The ptxas -v output of the build (registers, spills per kernel and arch).");
+  m.def("load_images", &load_images, nogil, py::arg("device"),
+        "Load every device image now (not allowed during CUDA-graph capture; launches load lazily otherwise).");
+  m.def("images_loaded", &moe_ext::images_loaded, "Whether every device image is loaded.");
   m.def("driver_version", &driver_version, "The CUDA driver's version (e.g. 13000), 0 without a driver.");
   m.attr("ROUTE_MAX_EXPERTS") = moe_ext::kRouteMaxExperts;
   m.attr("ROUTE_MAX_TOP_K") = moe_ext::kRouteMaxTopK;

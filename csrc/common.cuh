@@ -19,6 +19,9 @@ constexpr int kNoIndex = 0x7fffffff;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// No isnan without <cmath> under NVRTC; nvcc keeps this test (no finite-math flags).
+__device__ __forceinline__ bool is_nan(float v) { return v != v; }
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -17,6 +17,8 @@ constexpr int kRouteMaxTopK = 32;
 constexpr int kPlanMaxExperts = 4000;
 
 // logits [T, E] (dtype) -> ids int32 [T, k], weights fp32 [T, k], counts int32 [E].
+// NaN scores are never chosen; a slot left without a candidate gets id E (dropped),
+// weight 0 and no count (see routing.cu).
 void route_softmax_topk(ptr_t logits, ptr_t ids, ptr_t weights, ptr_t counts, std::int64_t num_tokens,
                         std::int64_t num_experts, std::int64_t top_k, bool renormalize, int dtype, int device,
                         ptr_t stream);

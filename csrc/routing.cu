@@ -15,6 +15,13 @@
 //                         groups stay; choose by c among them; w = s (/ (sum + 1e-20))
 //                         * routed_scaling_factor (DeepSeek-V3).
 //
+// Non-finite logits: a NaN choice score is never chosen. Softmax turns a row with a
+// NaN or +inf logit (or only -inf ones) into NaN everywhere; grouped sigmoid makes
+// only the NaN logits' (or NaN bias') experts NaN and scores a group by its best two
+// non-NaN scores, never keeping a group whose score is NaN. A choice round that finds
+// no candidate left gives id E (dropped), weight 0, no count, and adds nothing to the
+// renormalisation total (a row with every slot dropped gets weight 0, not 0/0).
+//
 // No backward kernel: the gradient to the logits is a small torch expression of the
 // saved weights and ids (moe_kernels/cuda_backend.py), nothing is saved here.
 // Pure-PyTorch twins: moe_kernels/cuda_twins.py (route_softmax_topk,
@@ -27,7 +34,9 @@ constexpr int kRouteWarps = 4;
 constexpr int kRouteMaxExperts = 512;
 
 // k rounds of warp argmax over the lane's candidates (`score`, carrying `weight`);
-// returns in lane j the j-th choice.
+// returns in lane j the j-th choice. NaN scores never win (both comparisons are false);
+// a round with no candidate left returns num_experts and weight 0: without that the
+// kNoIndex sentinel would reach the ids and index `counts` far out of bounds.
 template <int VPT>
 __device__ __forceinline__ void select_topk(const float (&score)[VPT], const float (&weight)[VPT], int num_experts,
                                             int top_k, int lane, int& my_id, float& my_w) {
@@ -51,8 +60,9 @@ __device__ __forceinline__ void select_topk(const float (&score)[VPT], const flo
     warp_argmax(bv, bi, bw);
     if (bi != kNoIndex && (bi & 31) == lane) taken |= 1u << (bi >> 5);
     if (lane == j) {
-      my_id = bi;
-      my_w = bw;
+      const bool found = bi != kNoIndex;
+      my_id = found ? bi : num_experts;
+      my_w = found ? bw : 0.f;
     }
   }
 }
@@ -91,11 +101,14 @@ __device__ __forceinline__ void route_softmax_topk(const T* __restrict__ logits,
   int my_id;
   float my_w;
   select_topk<VPT>(p, p, num_experts, top_k, lane, my_id, my_w);
+  // Dropped slots carry weight 0, so the total is over the chosen ones; softmax drops
+  // either every slot of a row (total 0) or none (total >= 1/E).
   const float total = warp_sum(lane < top_k ? my_w : 0.f);
   if (lane < top_k) {
+    const bool chosen = my_id < num_experts;
     ids[token * top_k + lane] = my_id;
-    weights[token * top_k + lane] = renormalize ? my_w / total : my_w;
-    atomicAdd(counts + my_id, 1);
+    weights[token * top_k + lane] = renormalize && chosen ? my_w / total : my_w;
+    if (chosen) atomicAdd(counts + my_id, 1);
   }
 }
 
@@ -143,7 +156,7 @@ __device__ __forceinline__ void route_grouped_sigmoid_topk(const T* __restrict__
     }
     __syncwarp();
     for (int g = lane; g < n_group; g += 32) {
-      float a = neg_inf(), b = neg_inf();  // the group's best two, duplicates counted
+      float a = neg_inf(), b = neg_inf();  // the group's best two, duplicates counted, NaN skipped
       for (int q = 0; q < per; ++q) {
         const float v = choice[g * per + q];
         if (v > a) {
@@ -171,22 +184,24 @@ __device__ __forceinline__ void route_grouped_sigmoid_topk(const T* __restrict__
       if (lane == 0 && bi != kNoIndex) keep[bi] = 1;
       __syncwarp();
     }
+    // Masked experts stay choosable (at -inf, when the kept groups run short of
+    // non-NaN experts), NaN ones stay NaN: never chosen, so no NaN weight gets out.
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int e = lane + 32 * i;
-      if (e < num_experts && !keep[e / per]) c[i] = neg_inf();
+      if (e < num_experts && !keep[e / per] && !is_nan(c[i])) c[i] = neg_inf();
     }
   }
 
   int my_id;
   float my_w;
   select_topk<VPT>(c, s, num_experts, top_k, lane, my_id, my_w);
-  const float total = warp_sum(lane < top_k ? my_w : 0.f);
+  const float total = warp_sum(lane < top_k ? my_w : 0.f);  // dropped slots add their 0
   if (lane < top_k) {
-    const float w = renormalize ? my_w / (total + 1e-20f) : my_w;
+    const float w = renormalize ? my_w / (total + 1e-20f) : my_w;  // 0 stays 0
     ids[token * top_k + lane] = my_id;
     weights[token * top_k + lane] = w * scale;
-    atomicAdd(counts + my_id, 1);
+    if (my_id < num_experts) atomicAdd(counts + my_id, 1);
   }
 }
 

@@ -6,7 +6,8 @@
 // through the CUDA runtime's library API (cudaLibraryLoadData, cudaLibraryGetKernel,
 // cudaLaunchKernel) of the statically linked runtime. So the module links no torch
 // and no shared CUDA library, imports without a GPU or driver, and every CUDA call
-// happens on the first launch.
+// happens on the first launch. The images load then (or at load_images()), which must
+// not happen inside CUDA-graph capture: see runtime.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -53,6 +54,12 @@ class DeviceGuard {
   int previous_ = -1;
   bool changed_ = false;
 };
+
+// Load every embedded image now (outside CUDA-graph capture); idempotent. Call inside
+// a DeviceGuard. Launches load what they need themselves, but refuse to do it while
+// their stream is being captured.
+void load_images(const char* op);
+bool images_loaded();
 
 // Launch `kernel` (an extern "C" name inside `image`) on the stream given as an
 // integer handle. Call inside a DeviceGuard.

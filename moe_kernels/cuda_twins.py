@@ -3,10 +3,12 @@ ops of :mod:`moe_kernels.cuda_backend` (which run these on the CPU).
 
 Each twin states the exact contract its kernel keeps: the tie rule of the routing
 selection (lowest expert index first, written out with a stable sort rather than
-left to ``torch.topk``), the plan's stable order, and the combine's summation order
-(fp32, one slot after the other, multiply and add rounded separately: the kernel
-avoids FMA contraction so that the twin reproduces it bit for bit). The kernels are
-tested against these on a GPU (tests/test_cuda_gpu.py) and these against
+left to ``torch.topk``) and what it does with non-finite logits (NaN scores are never
+chosen; a slot left without a candidate is dropped, id ``E``, weight 0), the plan's
+stable order, and the combine's summation order (fp32, one slot after the other,
+multiply and add rounded separately: the kernel avoids FMA contraction so that the
+twin reproduces it bit for bit). The kernels are tested against these on a GPU
+(tests/test_cuda_gpu.py) and these against
 :mod:`moe_kernels.routing`, :func:`moe_kernels.plan.build_plan_torch` and naive loops
 on the CPU (tests/test_cuda_twins.py).
 """
@@ -22,28 +24,41 @@ __all__ = ["route_softmax_topk", "route_grouped_sigmoid_topk", "build_plan", "pe
 _I32 = torch.int32
 
 
-def _topk_lowest_index(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest entries per row, ties to the lowest index."""
-    return torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
+def _select(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' selection: the ``k`` largest entries per row, ties to the lowest
+    index, ``-inf`` entries choosable, NaN entries never (a pick that lands on one is
+    invalid). Returns indices int64 [T, k] and whether each pick is valid [T, k]."""
+    nan = torch.isnan(score)
+    order = torch.sort(score.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    # A second stable pass moves the NaN entries behind every other, keeping the order.
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
+    ids = order[:, :k]
+    return ids, ~nan.gather(-1, ids)
 
 
 def _counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert; ids ``== num_experts`` (dropped) are not counted."""
     flat = ids.reshape(-1).long()
-    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(
-        0, flat, torch.ones_like(flat)).to(_I32)
+    return torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat))[:num_experts].to(_I32)
 
 
 def route_softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``p = softmax(float32(logits))``; the ``top_k`` largest ``p`` per token (ties: lowest
     expert first); ``w = p`` or ``p / sum(p over the chosen)``. Returns ids int32
-    [T, k], weights float32 [T, k], counts int32 [E] (tokens per expert)."""
+    [T, k], weights float32 [T, k], counts int32 [E] (tokens per expert).
+
+    A row with a NaN or +inf logit (or only -inf ones) has ``p`` NaN everywhere: every
+    one of its slots is dropped, id ``E`` and weight 0, and counted nowhere."""
+    e = logits.shape[1]
     p = torch.softmax(logits.float(), dim=-1)
-    ids = _topk_lowest_index(p, top_k)
-    w = p.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return ids.to(_I32), w, _counts(ids, logits.shape[1])
+    ids, valid = _select(p, top_k)
+    w = torch.where(valid, p.gather(1, ids), 0.0)
+    if renormalize:  # a row is valid whole or dropped whole: no 0/0 kept
+        w = torch.where(valid, w / w.sum(dim=-1, keepdim=True), 0.0)
+    ids = torch.where(valid, ids, e)
+    return ids.to(_I32), w, _counts(ids, e)
 
 
 def route_grouped_sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
@@ -53,22 +68,30 @@ def route_grouped_sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, 
     groups of consecutive experts scores the sum of its two best ``c`` (one if the
     group has one expert); the ``topk_group`` best groups (ties: lowest group) stay;
     the ``top_k`` best ``c`` among them are chosen (ties: lowest expert);
-    ``w = s / (sum + 1e-20)`` if ``renormalize`` else ``s``, times the scaling factor."""
+    ``w = s / (sum + 1e-20)`` if ``renormalize`` else ``s``, times the scaling factor.
+
+    Non-finite values: an expert whose ``c`` is NaN (NaN logit or bias) is never chosen
+    and never counts toward its group's score (a group with fewer than two others
+    scores -inf); a group whose score is NaN (``inf + -inf`` from infinite biases) is
+    never kept. Masked experts stay choosable at ``-inf`` when the kept groups run out;
+    a slot with nothing left is dropped: id ``E``, weight 0, counted nowhere."""
     t, e = logits.shape
     s = torch.sigmoid(logits.float())
     c = s + bias.float() if bias is not None else s
+    nan = torch.isnan(c)
     if n_group > 1:
         per = e // n_group
-        top2 = torch.sort(c.view(t, n_group, per), dim=-1, descending=True).values[..., :min(2, per)]
-        group_score = top2[..., 0] + top2[..., 1] if per > 1 else top2[..., 0]
-        keep = _topk_lowest_index(group_score, topk_group)
-        mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
-        c = c.masked_fill(~mask.repeat_interleave(per, dim=1), float("-inf"))
-    ids = _topk_lowest_index(c, top_k)
-    w = s.gather(1, ids)
+        ranked = torch.sort(c.masked_fill(nan, float("-inf")).view(t, n_group, per), dim=-1, descending=True).values
+        group_score = ranked[..., 0] + ranked[..., 1] if per > 1 else ranked[..., 0]
+        keep, kept = _select(group_score, topk_group)
+        mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, kept)
+        c = c.masked_fill(~mask.repeat_interleave(per, dim=1) & ~nan, float("-inf"))
+    ids, valid = _select(c, top_k)
+    w = torch.where(valid, s.gather(1, ids), 0.0)
     if renormalize:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
     w = w * routed_scaling_factor
+    ids = torch.where(valid, ids, e)
     return ids.to(_I32), w, _counts(ids, e)
 
 

@@ -240,9 +240,10 @@ def topk_load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> t
     to expert ``i`` and ``P_i`` the mean of ``probs`` [T, E] (router softmax). Every
     backend with a fused softmax top-k router reports it through this function."""
     t, e = probs.shape
-    ids = expert_ids.reshape(-1).long()
-    f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
-        0, ids, torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device)) / max(ids.numel(), 1)
+    # Ids outside [0, E) (dropped slots) count in a spare bin that is sliced off.
+    ids = expert_ids.reshape(-1).long().clamp(min=0, max=e)
+    f = torch.zeros(e + 1, dtype=probs.dtype, device=probs.device).scatter_add_(
+        0, ids, torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device))[:e] / max(ids.numel(), 1)
     return e * torch.sum(f * probs.mean(dim=0))
 
 

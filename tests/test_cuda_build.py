@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "csrc" / "tools"))
 import device_compile  # noqa: E402
 
 from moe_kernels import cuda_backend as cb  # noqa: E402
+from moe_kernels import cuda_ops as cops  # noqa: E402
 
 
 def _nvcc_present() -> bool:
@@ -37,13 +38,13 @@ def _nvcc_present() -> bool:
 
 
 SKIPPED = os.environ.get("MOE_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
-needs_ext = pytest.mark.skipif(cb._C is None and (SKIPPED or not _nvcc_present()),
+needs_ext = pytest.mark.skipif(cops._C is None and (SKIPPED or not _nvcc_present()),
                                reason="the CUDA extension was not built (no nvcc, or MOE_KERNELS_SKIP_CUDA_BUILD=1)")
 
 
 @needs_ext
 def test_extension_was_built_and_imports():
-    assert cb._C is not None, f"nvcc is here but moe_kernels._C did not import: {cb._C_ERROR}"
+    assert cops._C is not None, f"nvcc is here but moe_kernels._C did not import: {cops._C_ERROR}"
     info = cb.extension_info()
     assert info["built"] and info["cuda_runtime"] == "static"
     assert re.fullmatch(r"\d+\.\d", info["cuda_version"])
@@ -61,7 +62,7 @@ def test_imports_in_a_process_without_a_visible_gpu():
 @needs_ext
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
 def test_a_call_without_a_gpu_raises_a_clear_runtime_error():
-    c = cb._C
+    c = cops._C
     calls = {
         "route_softmax_topk": lambda: c.route_softmax_topk(16, 16, 16, 16, 4, 8, 2, True, 0, 0, 0),
         "route_grouped_sigmoid_topk": lambda: c.route_grouped_sigmoid_topk(16, 0, 16, 16, 16, 4, 8, 2, 1, 1, 1.0,
@@ -76,8 +77,25 @@ def test_a_call_without_a_gpu_raises_a_clear_runtime_error():
 
 
 @needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_the_no_gpu_error_names_its_cause():
+    # No driver at all reads cudaErrorInsufficientDriver from the runtime: the message
+    # must say that no driver is installed, not that the driver is old (and a driver
+    # without a GPU: no usable device).
+    c = cops._C
+    if not hasattr(c, "load_images"):
+        pytest.skip("moe_kernels._C predates csrc/ (no load_images): rebuild it (pip install -e .)")
+    want = "no NVIDIA driver is installed" if c.driver_version() == 0 else "no usable CUDA device"
+    for call in (lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0), lambda: c.load_images(0),
+                 lambda: cb.load_kernels(0), lambda: cb.load_kernels()):
+        with pytest.raises(RuntimeError, match=want):
+            call()
+    assert not c.images_loaded()
+
+
+@needs_ext
 def test_raw_module_rejects_bad_arguments_before_any_cuda_call():
-    c = cb._C
+    c = cops._C
     with pytest.raises(ValueError, match=r"route_softmax_topk: num_experts"):
         c.route_softmax_topk(16, 16, 16, 16, 4, 1000, 2, True, 0, 0, 0)
     with pytest.raises(ValueError, match=r"route_softmax_topk: dtype"):
@@ -131,7 +149,7 @@ def _cuobjdump() -> str | None:
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (triton's or the CUDA toolkit's)")
 def test_module_holds_machine_code_for_every_arch():
     real, ptx = _expected_archs()
-    out = subprocess.run([_cuobjdump(), "--list-elf", "--list-ptx", cb._C.__file__], capture_output=True,
+    out = subprocess.run([_cuobjdump(), "--list-elf", "--list-ptx", cops._C.__file__], capture_output=True,
                          text=True, check=True).stdout
     elf = set(re.findall(r"ELF file\s+\d+: \S+\.(sm_\w+)\.cubin", out))
     assert elf == {f"sm_{a}" for a in real}, out
@@ -149,7 +167,7 @@ def _log_entries(log: str) -> list:
 
 @needs_ext
 def test_ptxas_reports_no_spills_for_any_kernel():
-    entries = _log_entries(cb._C.ptxas_log())
+    entries = _log_entries(cops._C.ptxas_log())
     real, _ = _expected_archs()
     kernels = {k for k, _, _, _ in entries}
     assert len(entries) == len(kernels) * len(real), "a kernel is missing a ptxas report for some arch"
@@ -159,7 +177,7 @@ def test_ptxas_reports_no_spills_for_any_kernel():
 
 @needs_ext
 def test_every_kernel_the_launchers_name_is_in_the_images():
-    names = {k for k, _, _, _ in _log_entries(cb._C.ptxas_log())}
+    names = {k for k, _, _, _ in _log_entries(cops._C.ptxas_log())}
     want = {"_plan_build_fwd_kernel", "_permute_rows_fwd_kernel_v16", "_permute_rows_fwd_kernel_s4",
             "_permute_rows_fwd_kernel_s2"}
     for t in ("f32", "f16", "bf16"):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from moe_kernels import cuda_backend as cb
+from moe_kernels import cuda_ops as cops
 from moe_kernels import cuda_twins as tw
 from moe_kernels import expert_params, moe, moe_reference
 from moe_kernels.plan import DispatchPlan, build_plan_torch, max_padded_rows
@@ -35,9 +36,9 @@ PLAN_FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position"
 
 
 def _ext():
-    if cb._C is None:
-        pytest.fail(f"moe_kernels._C is not built on this GPU machine: {cb._C_ERROR}")
-    return cb._C
+    if cops._C is None:
+        pytest.fail(f"moe_kernels._C is not built on this GPU machine: {cops._C_ERROR}")
+    return cops._C
 
 
 def _launch(t: torch.Tensor):
@@ -167,6 +168,92 @@ def test_route_grouped_sigmoid_topk_kernel(t, e, k, ng, tg, scale, renorm, use_b
     assert torch.equal(counts.cpu(), rc)
     oid, ow, _ = cb.route_grouped_sigmoid_topk(logits, bias, k, ng, tg, scale, renorm)
     assert torch.equal(oid, ids) and torch.equal(ow, w)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("e,k", [pytest.param(13, 3, id="vpt1"), pytest.param(300, 8, id="vpt16")])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_route_softmax_kernel_drops_non_finite_rows(e, k, renorm, dtype):
+    # Before the fix a NaN / +inf row wrote id 0x7fffffff and counts[0x7fffffff] += 1:
+    # an illegal address. Now: id E, weight 0, not counted (edge: non-finite logits).
+    logits = torch.randn(37, e, device=DEV)
+    logits[3, 1] = NAN
+    logits[8, e - 1] = INF
+    logits[20] = -INF
+    logits[21, : e // 2] = -INF  # partly -inf: a valid row
+    logits = logits.to(dtype)
+    ids, w, counts = kernel_route_softmax(logits, k, renorm)
+    rid, rw, rc = tw.route_softmax_topk(logits.cpu(), k, renorm)
+    assert torch.equal(ids.cpu(), rid) and torch.equal(counts.cpu(), rc)
+    torch.testing.assert_close(w.cpu(), rw, rtol=2e-6, atol=1e-7)
+    assert (ids[[3, 8, 20]] == e).all() and (w[[3, 8, 20]] == 0).all() and (ids[21] < e).all()
+    assert int(counts.sum()) == (37 - 3) * k
+    if DEV.type == "cuda":  # the context is still alive (on the CPU the op's checks reject NaN)
+        assert torch.equal(cb.route_softmax_topk(logits, k, renorm)[0], ids)
+
+
+GROUPED_NAN = [
+    # (logit edits, bias edits, k, n_group, topk_group): edge covered
+    pytest.param({(0, 5): NAN, (2, 0): INF, (3, 1): -INF}, {}, 4, 4, 2, id="nan-and-inf-logits"),
+    pytest.param({(r, j): NAN for r in (1, 4) for j in range(16)}, {}, 3, 4, 2, id="all-nan-rows"),
+    pytest.param({(r, j): NAN for r in range(6) for j in range(12)}, {}, 4, 4, 1, id="kept-groups-run-short"),
+    pytest.param({}, {3: NAN, 9: NAN}, 5, 4, 3, id="nan-bias"),
+    pytest.param({}, {0: INF, 1: -INF}, 2, 8, 2, id="nan-group-score"),
+    pytest.param({(r, j): NAN for r in range(6) for j in range(0, 16, 2)}, {}, 6, 1, 1, id="half-nan-ungrouped"),
+]
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("logit_nan,bias_nan,k,ng,tg", GROUPED_NAN)
+def test_route_grouped_kernel_never_chooses_nan(logit_nan, bias_nan, k, ng, tg, renorm):
+    logits = torch.randn(6, 16)
+    bias = torch.randn(16) * 0.3
+    for (r, j), v in logit_nan.items():
+        logits[r, j] = v
+    for j, v in bias_nan.items():
+        bias[j] = v
+    ids, w, counts = kernel_route_grouped(logits.to(DEV), bias.to(DEV), k, ng, tg, 1.5, renorm)
+    rid, rw, rc = tw.route_grouped_sigmoid_topk(logits, bias, k, ng, tg, 1.5, renorm)
+    assert torch.equal(ids.cpu(), rid) and torch.equal(counts.cpu(), rc)
+    torch.testing.assert_close(w.cpu(), rw, rtol=2e-6, atol=1e-6)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="the fused route runs on CUDA tensors only")
+def test_backend_routes_non_contiguous_and_nan_logits():
+    # The layer's path: CudaBackend.route on a transposed view with a NaN row and a +inf
+    # row (edges: non-contiguous, non-finite); then the whole MoE on such logits.
+    t, e, h, i = 33, 16, 64, 32
+    logits = torch.randn(e, t, device=DEV).t()
+    logits[5, 2] = NAN
+    logits[9, 0] = INF
+    r = cb.CudaBackend().route(logits, "softmax_topk", {"top_k": 2})
+    se = r.slot_expert.view(t, 2)
+    assert (se[[5, 9]] == e).all() and (r.slot_weight.view(t, 2)[[5, 9]] == 0).all()
+    assert torch.isnan(r.losses["load_balancing"])  # NaN probs: the loss says so instead of crashing
+    good = [x for x in range(t) if x not in (5, 9)]
+    ref = softmax_topk(logits[good].contiguous(), 2)
+    assert torch.equal(se[good].reshape(-1), ref.slot_expert)
+    x = torch.randn(t, h, device=DEV)
+    w13 = torch.randn(e, 2 * i, h, device=DEV) * 0.1
+    w2 = torch.randn(e, h, i, device=DEV) * 0.1
+    out = moe(x, logits, w13, w2, router="softmax_topk", top_k=2, backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(out[[5, 9]], torch.zeros(2, h, device=DEV))  # every slot dropped
+    want = moe(x[good], logits[good].contiguous(), w13, w2, router="softmax_topk", top_k=2, backend="torch")
+    assert _rel_err(out[good], want) < 3e-3
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="asks the GPU")
+def test_unavailable_agrees_with_this_gpu():
+    info = cb.extension_info()
+    cap = torch.cuda.get_device_capability()
+    want = cb.compatibility_reason(cap, info, info["driver_version"])
+    assert cb.CudaBackend().unavailable(torch.device("cuda")) == want
+    assert want is None, want  # the test machine is one the default build supports
 
 
 def test_route_gradients_on_gpu():
@@ -354,6 +441,58 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     assert torch.equal(captured, _pipeline(new_logits, new_x))
     assert not torch.equal(captured, eager)
+
+
+_CAPTURE_SCRIPT = """
+import sys, torch
+from moe_kernels import cuda_backend as cb
+from moe_kernels import cuda_ops as cops
+logits = torch.randn(64, 32, device="cuda")
+x = torch.randn(64, 128, device="cuda")
+assert not cops._C.images_loaded()
+if sys.argv[1] == "load_kernels":
+    cb.load_kernels()
+    assert cops._C.images_loaded()
+else:
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            cb.route_softmax_topk(logits, 2, True)
+    except RuntimeError as exc:
+        assert "before capturing" in str(exc) and "route_softmax_topk" in str(exc), str(exc)
+        print("refused:", exc)
+    else:
+        raise AssertionError("the first call inside capture did not raise")
+    assert not cops._C.images_loaded()
+    torch.cuda.synchronize()
+    cb.route_softmax_topk(logits, 2, True)  # a plain call after the refusal loads and runs
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out = cb.route_softmax_topk(logits, 2, True)[1]
+new = torch.randn_like(logits)
+logits.copy_(new)
+graph.replay()
+torch.cuda.synchronize()
+assert torch.equal(out, cb.route_softmax_topk(new, 2, True)[1])
+print("ok")
+"""
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("warmup", ["none", "load_kernels"])
+def test_first_call_inside_capture(warmup, tmp_path):
+    # A fresh process (the images load once per process): a first call inside capture
+    # is refused with a clear error and leaves things usable; load_kernels() ahead of
+    # the capture is enough for it to work (edge: image loading vs CUDA-graph capture).
+    import subprocess
+    import sys
+
+    script = tmp_path / "capture.py"
+    script.write_text(_CAPTURE_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, str(script), warmup], capture_output=True, text=True, timeout=300,
+                          cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="torch.compile of the CUDA ops")

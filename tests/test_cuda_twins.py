@@ -8,10 +8,13 @@ summation order), and the ops' hand-written backward against autograd through th
 core. The kernels themselves are checked against these twins in test_cuda_gpu.py.
 """
 
+import math
+
 import pytest
 import torch
 
 from moe_kernels import cuda_backend as cb
+from moe_kernels import cuda_ops as cops
 from moe_kernels import cuda_twins as tw
 from moe_kernels import expert_params, moe_reference
 from moe_kernels.plan import DispatchPlan, build_plan_torch
@@ -60,6 +63,13 @@ def test_softmax_topk_ties_go_to_the_lowest_index():
     assert torch.equal(ids.reshape(-1), softmax_topk(logits, 7).slot_expert)
 
 
+def naive_select(scores: list, k: int) -> list:
+    """k picks, largest first, ties to the lowest index, NaN never; None for a pick with
+    nothing left (the kernels' rule with non-finite scores)."""
+    order = sorted((e for e in range(len(scores)) if not math.isnan(scores[e])), key=lambda e: (-scores[e], e))
+    return (order + [None] * k)[:k]
+
+
 def naive_grouped(logits, bias, k, n_group, topk_group, scale, renorm):
     t, e = logits.shape
     per = e // n_group
@@ -70,14 +80,14 @@ def naive_grouped(logits, bias, k, n_group, topk_group, scale, renorm):
         if n_group > 1:
             gscore = []
             for g in range(n_group):
-                best = sorted(c[g * per:(g + 1) * per], reverse=True)[:2]
-                gscore.append(sum(best))
-            keep = set(naive_topk(gscore, topk_group))
-            c = [c[j] if j // per in keep else float("-inf") for j in range(e)]
-        chosen = naive_topk(c, k)
-        w = [s[j] for j in chosen]
+                vals = sorted((v for v in c[g * per:(g + 1) * per] if not math.isnan(v)), reverse=True)
+                gscore.append(sum((vals + [-math.inf] * 2)[:min(2, per)]))  # inf + -inf: NaN, never kept
+            keep = {g for g in naive_select(gscore, topk_group) if g is not None}
+            c = [c[j] if j // per in keep or math.isnan(c[j]) else -math.inf for j in range(e)]
+        chosen = naive_select(c, k)
+        w = [s[j] if j is not None else 0.0 for j in chosen]
         total = sum(w)
-        ids.append(chosen)
+        ids.append([j if j is not None else e for j in chosen])
         ws.append([(x / (total + 1e-20) if renorm else x) * scale for x in w])
     return ids, ws
 
@@ -112,6 +122,118 @@ def test_grouped_sigmoid_ties_in_groups_and_experts():
     ids, _, _ = tw.route_grouped_sigmoid_topk(logits, bias, 3, 4, 2, 1.0, True)
     loop_ids, _ = naive_grouped(logits, bias, 3, 4, 2, 1.0, True)
     assert ids.tolist() == loop_ids == [[1, 3, 5]] * 3
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_softmax_twin_drops_rows_with_non_finite_logits(renorm, dtype):
+    e, k = 11, 3
+    logits = torch.randn(7, e)
+    logits[1, 4] = NAN  # edge: one NaN logit
+    logits[3, 0] = INF  # edge: +inf (softmax gives inf - inf = NaN)
+    logits[4] = -INF  # edge: every logit -inf
+    logits[5, :6] = -INF  # edge: some -inf logits: a valid row (they get p = 0)
+    logits = logits.to(dtype)
+    ids, w, counts = tw.route_softmax_topk(logits, k, renorm)
+    bad = [1, 3, 4]
+    good = [r for r in range(7) if r not in bad]
+    assert (ids[bad] == e).all() and (w[bad] == 0).all()
+    ref = softmax_topk(logits[good].clamp(min=-1e4), k, renorm)  # the router wants finite logits; p is 0 alike
+    assert torch.equal(ids[good].reshape(-1), ref.slot_expert)
+    torch.testing.assert_close(w[good].reshape(-1), ref.slot_weight, rtol=1e-6, atol=1e-7)
+    assert torch.equal(counts, torch.bincount(ids[good].reshape(-1).long(), minlength=e).int())
+    assert int(counts.sum()) == len(good) * k
+
+
+NAN_GROUPED_CASES = [
+    # (logit edits, bias edits, k, n_group, topk_group): edge covered
+    pytest.param({(0, 5): NAN}, {}, 3, 1, 1, id="nan-logit-ungrouped"),
+    pytest.param({(0, 5): NAN, (2, 0): INF, (3, 1): -INF}, {}, 4, 4, 2, id="nan-and-inf-logits-grouped"),
+    pytest.param({(r, j): NAN for r in (1, 4) for j in range(16)}, {}, 3, 4, 2, id="all-nan-rows"),
+    pytest.param({(r, j): NAN for r in range(6) for j in range(12)}, {}, 4, 4, 1, id="kept-groups-run-short"),
+    pytest.param({}, {3: NAN, 9: NAN}, 5, 4, 3, id="nan-bias"),
+    pytest.param({}, {0: INF, 1: -INF}, 2, 8, 2, id="nan-group-score-from-inf-biases"),
+    pytest.param({(r, j): NAN for r in range(6) for j in range(0, 16, 2)}, {}, 6, 8, 3, id="half-nan-one-per-group"),
+]
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("logit_nan,bias_nan,k,ng,tg", NAN_GROUPED_CASES)
+def test_grouped_twin_never_chooses_nan_and_drops_what_is_left(logit_nan, bias_nan, k, ng, tg, renorm):
+    t, e = 6, 16
+    logits = torch.randn(t, e)
+    bias = torch.randn(e) * 0.3
+    for (r, j), v in logit_nan.items():
+        logits[r, j] = v
+    for j, v in bias_nan.items():
+        bias[j] = v
+    ids, w, counts = tw.route_grouped_sigmoid_topk(logits, bias, k, ng, tg, 1.5, renorm)
+    loop_ids, loop_w = naive_grouped(logits, bias, k, ng, tg, 1.5, renorm)
+    assert ids.tolist() == loop_ids
+    torch.testing.assert_close(w, torch.tensor(loop_w), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(w).all() and (w[ids == e] == 0).all()
+    chosen = ids[ids < e].long()
+    assert not torch.isnan(torch.sigmoid(logits.gather(1, ids.long().clamp(max=e - 1)))[ids < e]).any()
+    assert torch.equal(counts, torch.bincount(chosen, minlength=e).int())
+
+
+def test_grouped_twin_nan_edge_cases_by_hand():
+    # Groups of 4 experts, keep 1 group, choose 3; logits 0 (s = 0.5) plus a bias that
+    # makes group 1 the best; expert 5 of it is NaN, so the kept group has 3 valid
+    # experts: 4, 6, 7 by bias order. Then rows where it runs short (edge: masked experts
+    # at -inf fill in, lowest index first, skipping a NaN one).
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3, 0.4, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0])
+    logits = torch.zeros(3, 12)
+    logits[:, 5] = NAN
+    logits[1, 4] = NAN
+    logits[2, 4] = NAN
+    logits[2, 0] = NAN
+    ids, w, counts = tw.route_grouped_sigmoid_topk(logits, bias, 3, 3, 1, 1.0, False)
+    assert ids.tolist() == [[4, 6, 7], [6, 7, 0], [6, 7, 1]]
+    assert torch.equal(w, torch.full((3, 3), 0.5))
+    # Every logit NaN: every slot dropped, and the renormalisation gives 0, not 0/0.
+    ids, w, counts = tw.route_grouped_sigmoid_topk(torch.full((2, 12), NAN), None, 2, 3, 2, 2.0, True)
+    assert (ids == 12).all() and torch.equal(w, torch.zeros(2, 2)) and counts.sum() == 0
+
+
+def test_route_op_backward_with_dropped_rows():
+    # A row with NaN / +inf logits is dropped whole: zero gradient there, and the other
+    # rows' gradient is what they get alone (edge: dropped slots in the backward).
+    logits = torch.randn(6, 9)
+    logits[2, 3] = NAN
+    logits[4, 0] = INF
+    good = [0, 1, 3, 5]
+    for renorm in (True, False):
+        x = logits.clone().requires_grad_()
+        _, w, _ = torch.ops.moe_kernels_cuda.route_softmax_topk(x, 3, renorm)
+        g = torch.randn_like(w)
+        (got,) = torch.autograd.grad((w * g).sum(), x)
+        xg = logits[good].clone().requires_grad_()
+        (want,) = torch.autograd.grad((softmax_topk(xg, 3, renorm).slot_weight.view(4, 3) * g[good]).sum(), xg)
+        assert torch.equal(got[[2, 4]], torch.zeros(2, 9))
+        torch.testing.assert_close(got[good], want, rtol=1e-5, atol=1e-6)
+
+    # Grouped: the NaN experts get no gradient, the rest matches autograd through the twin
+    # on rows with the NaN logits replaced by anything (they are never chosen).
+    logits = torch.randn(5, 12)
+    logits[1, 2] = NAN
+    logits[3] = NAN  # a row dropped whole
+    for renorm in (True, False):
+        x = logits.clone().requires_grad_()
+        ids, w, _ = torch.ops.moe_kernels_cuda.route_grouped_sigmoid_topk(x, None, 3, 3, 2, 1.3, renorm)
+        g = torch.randn_like(w)
+        (got,) = torch.autograd.grad((w * g).sum(), x)
+        assert torch.isfinite(got).all() and got[1, 2] == 0 and torch.equal(got[3], torch.zeros(12))
+        ok = [0, 1, 2, 4]
+        xf = logits[ok].nan_to_num(-30.0).requires_grad_()  # s = sigmoid(-30): never chosen again
+        ref = grouped_sigmoid_topk(xf, 3, None, 3, 2, 1.3, renorm)
+        assert torch.equal(ref.slot_expert.view(4, 3), ids[ok])
+        (want,) = torch.autograd.grad((ref.slot_weight.view(4, 3) * g[ok]).sum(), xf)
+        want[1, 2] = 0.0
+        torch.testing.assert_close(got[ok], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("renorm", [True, False])
@@ -299,6 +421,37 @@ def test_experts_permuted_matches_reference_forward_and_backward(router):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_fused_takes_non_contiguous_logits_and_reports_the_loss(dtype):
+    # The layer's logits may be a transposed view (edge: non-contiguous); the public op
+    # wrapper rejects that, the backend's route must not. Loss: routing's, with its gradient.
+    base = torch.randn(13, 9).to(dtype)  # [E, T]
+    logits = base.t().requires_grad_() if dtype == torch.float32 else base.t()
+    assert not logits.is_contiguous()
+    with pytest.raises(ValueError, match="logits"):
+        cb.route_softmax_topk(logits, 3, True)
+    got = cb.route_fused(logits, "softmax_topk", {"top_k": 3, "renormalize": False})
+    ref = softmax_topk(logits.contiguous(), 3, False)
+    assert torch.equal(got.slot_expert, ref.slot_expert) and torch.equal(got.slot_token, ref.slot_token)
+    torch.testing.assert_close(got.slot_weight, ref.slot_weight, rtol=1e-6, atol=1e-7)
+    assert set(got.losses) == set(ref.losses) == {"load_balancing"}
+    torch.testing.assert_close(got.losses["load_balancing"], ref.losses["load_balancing"], rtol=1e-6, atol=1e-7)
+    if logits.requires_grad:
+        (a,) = torch.autograd.grad(got.losses["load_balancing"] + got.slot_weight.sum(), logits)
+        (b,) = torch.autograd.grad(ref.losses["load_balancing"] + ref.slot_weight.sum(), logits)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    bias = torch.randn(13)
+    opts = {"top_k": 4, "bias": bias, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0}
+    got = cb.route_fused(logits, "grouped_sigmoid_topk", opts)
+    ref = grouped_sigmoid_topk(logits.contiguous(), 4, bias, 1, 1, 2.0)
+    assert torch.equal(got.slot_expert, ref.slot_expert) and got.losses == ref.losses == {}
+    with pytest.raises(ValueError, match="jitter"):
+        cb.route_fused(logits, "softmax_topk", {"top_k": 2, "jitter": 0.1})
+    empty = cb.route_fused(torch.randn(0, 13), "softmax_topk", {"top_k": 2})  # edge: T = 0, as the torch router
+    assert empty.num_slots == 0 and empty.losses == softmax_topk(torch.randn(0, 13), 2).losses == {}
+
+
 def test_backend_on_cpu_is_unavailable_and_routes_with_torch():
     backend = cb.CudaBackend()
     reason = backend.unavailable(torch.device("cpu"))
@@ -309,13 +462,13 @@ def test_backend_on_cpu_is_unavailable_and_routes_with_torch():
 
 
 def test_backend_reports_a_missing_extension(monkeypatch):
-    monkeypatch.setattr(cb, "_C", None)
-    monkeypatch.setattr(cb, "_C_ERROR", "ModuleNotFoundError: No module named 'moe_kernels._C'")
+    monkeypatch.setattr(cops, "_C", None)
+    monkeypatch.setattr(cops, "_C_ERROR", "ModuleNotFoundError: No module named 'moe_kernels._C'")
     reason = cb.CudaBackend().unavailable(torch.device("cuda"))
     assert "moe_kernels._C" in reason and "nvcc" in reason
     assert cb.extension_info()["built"] is False
     with pytest.raises(RuntimeError, match="route_softmax_topk.*not available"):
-        cb._ext("route_softmax_topk")
+        cops._ext("route_softmax_topk")
 
 
 # --------------------------------------------------------------------------- bad input
