@@ -9,13 +9,25 @@ with the specialisation Triton's JIT would give it at run time (an int equal to 
 becomes a constexpr, ints and pointers divisible by 16 get the divisibility attribute),
 so what compiles here is what a GPU would compile. Checks: it compiles, its shared
 memory fits the architecture (aot.shared_limit), the GEMMs use wgmma on sm_90, and
-ptxas reports no register spills for the GEMMs.
+ptxas reports no register spills for the GEMMs. Further batches of the same machinery:
+
+* large experts (Mixtral's sizes choose the config: BLOCK_N=128, 8 warps) for sm_80,
+  sm_89, sm_90 and sm_120 (99 KB of shared memory on the consumer parts): fits, no
+  spills, and the config heuristic's shared-memory estimate matches the compiler's;
+* an Expert Choice layer with E = 256 (``token_slots`` has 256 columns): the fused
+  combine and the prologue read it in chunks, so no spills;
+* 64-bit row offsets, read from the Triton IR (see test_row_offsets_are_64_bit).
+
+All batches compile in one pool of worker processes (module fixture), each test checks
+its own part.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +41,8 @@ import_or_skip()
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels.params import expert_params  # noqa: E402
-from moe_kernels.triton import ops  # noqa: E402
+from moe_kernels.triton import configs, ops  # noqa: E402
+from moe_kernels.triton.configs import GemmConfig  # noqa: E402
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
        torch.int64: "i64"}
@@ -51,9 +64,10 @@ def _specialize(v):
     raise TypeError(type(v))
 
 
-def _record(monkeypatch, variant: dict) -> list[tuple]:
+def _record(monkeypatch, variant: dict, capability=(9, 0), config=None) -> list[tuple]:
     """Launches of one forward+backward, as (kernel name, bound arguments, names of the
-    constexpr parameters, num_warps, num_stages)."""
+    constexpr parameters, num_warps, num_stages). ``capability`` chooses the configs
+    (``config``, when given, replaces ``gemm_config`` with the same arguments)."""
     import inspect
 
     import triton.runtime.interpreter as interp
@@ -79,7 +93,7 @@ def _record(monkeypatch, variant: dict) -> list[tuple]:
 
     for cls in (interp.InterpretedFunction, JITFunction):
         monkeypatch.setattr(cls, "run", run)
-    t, h, i, e = 64, 256, 128, 8
+    t, h, i, e = 64, variant.get("h", 256), variant.get("i", 128), variant.get("e", 8)
     act = variant.get("act", "swiglu")
     n = 2 if act in ("swiglu", "swiglu_oai") else 1
     transposed = variant.get("transposed", False)
@@ -95,10 +109,14 @@ def _record(monkeypatch, variant: dict) -> list[tuple]:
     params = expert_params(w13, w2, b13, b2, activation=act, transposed=transposed,
                            interleaved=variant.get("interleaved", False))
     x = torch.randn(t, h, **f16, requires_grad=True)
-    routing = mk.route(torch.randn(t, e, device=DEVICE, requires_grad=True), "softmax_topk", top_k=2)
+    logits = torch.randn(t, e, device=DEVICE, requires_grad=True)
+    router = variant.get("router", "softmax_topk")
+    routing = mk.route(logits, router, top_k=2) if router == "softmax_topk" else mk.route(logits, router)
     from moe_kernels.plan import build_plan_torch
-    plan = build_plan_torch(routing, 64)  # the sm_80/sm_90 BLOCK_M
-    monkeypatch.setattr(ops, "capability_of", lambda d: (9, 0))  # the GPU configs, not the interpreter's
+    plan = build_plan_torch(routing, 64)  # the GPUs' BLOCK_M
+    monkeypatch.setattr(ops, "capability_of", lambda d: capability)  # the GPU configs, not the interpreter's
+    if config is not None:
+        monkeypatch.setattr(ops, "gemm_config", config)
     out = ops.moe_experts(x, plan, params, recompute_h=variant.get("recompute", False),
                           combine=variant.get("combine", "fused"))
     out.sum().backward()
@@ -114,11 +132,11 @@ _VARIANTS = {
 }
 
 
-def _variants(monkeypatch) -> dict:
+def _variants(monkeypatch, variants=None, capability=(9, 0), config=None) -> dict:
     """Distinct launches over every configuration, keyed by their specialisation."""
     out = {}
-    for vname, v in _VARIANTS.items():
-        for name, bound, consts, warps, stages in _record(monkeypatch, v):
+    for vname, v in (variants or _VARIANTS).items():
+        for name, bound, consts, warps, stages in _record(monkeypatch, v, capability, config):
             spec = {k: (("constexpr", val, False) if k in consts else _specialize(val)) for k, val in bound.items()}
             key = (name, tuple(sorted((k, s[0], repr(s[1]), s[2]) for k, s in spec.items())), warps, stages)
             out.setdefault(key, (f"{vname}:{name}:{bound.get('EPI', '')}", name, spec, warps, stages))
@@ -154,9 +172,11 @@ def _compile(job):
     except Exception as exc:  # noqa: BLE001 - reported by the test
         return {"label": label, "arch": arch, "dtype": dtype, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     regs, local = _resource_usage(k.asm.get("cubin", b""), k.metadata.name)
+    # Result types of every integer multiply in the Triton IR (index arithmetic).
+    muls = collections.Counter(re.findall(r"arith\.muli [^:]*: (\S+)", k.asm.get("ttir", "")))
     return {"label": label, "arch": arch, "dtype": dtype, "shared": int(k.metadata.shared),
             "limit": shared_limit(arch), "wgmma": "wgmma" in k.asm["ptx"], "local": local, "regs": regs,
-            "gemm": name == "_grouped_gemm_fwd_kernel"}
+            "gemm": name == "_grouped_gemm_fwd_kernel", "muls": dict(muls)}
 
 
 def _worker_main(jobs_path: str, out_path: str) -> None:
@@ -190,26 +210,136 @@ def _compile_all(jobs: list, workers: int = 2) -> list:
     return out
 
 
-def test_every_kernel_variant_compiles_for_sm90_and_sm80(monkeypatch):
-    variants = _variants(monkeypatch)
-    labels = sorted(v[0] for v in variants.values())
-    # Forward GEMM1 (3 epilogue shapes + recompute), GEMM2 (fused / plain), dGEMM2 (3), dGEMM1 (2), combine.
-    assert len(variants) >= 10, labels
-    assert any(":_combine_fwd_kernel" in lab for lab in labels)
-    jobs = [(*v, arch, dt) for v in variants.values() for arch in (90, 80) for dt in ("bf16", "fp16")]
-    results = _compile_all(jobs)
-    errors = [r for r in results if "error" in r]
+# Large experts: Mixtral's sizes (E=8, H=4096, I=14336) choose each GEMM's config; the
+# recorded tensors stay small (a config is all the compiler needs from the sizes).
+LARGE_ARCHS = {80: (8, 0), 89: (8, 9), 90: (9, 0), 120: (12, 0)}
+# 64-bit check: tile sizes whose shapes tell rows apart: rows are [64, 1] / [64] (the
+# prologue's [16, 1] / [16]), K offsets [32, 1], columns [1, 32].
+ROW_CFG = GemmConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+def _mixtral_config(e, n, k, dtype, capability, block_m, **kw):
+    real = configs.gemm_config
+    return real(8, {128: 14336, 256: 4096}[n], k, dtype, capability, block_m, **kw)
+
+
+def _batches() -> dict:
+    """Every batch's jobs: {batch: [(job, recorded bound arguments)]}."""
+    out: dict = {"all": [], "large": [], "ks256": [], "rows64": []}
+    with pytest.MonkeyPatch.context() as mp:
+        for v in _variants(mp).values():
+            out["all"] += [((*v, arch, dt), None) for arch in (90, 80) for dt in ("bf16", "fp16")]
+        for arch, cap in LARGE_ARCHS.items():
+            for v in _variants(mp, {"large": {}}, cap, _mixtral_config).values():
+                if v[1] == "_grouped_gemm_fwd_kernel":
+                    out["large"].append(((*v, arch, "bf16"), cap))
+        ec = {"ec256": {"router": "expert_choice", "e": 256, "h": 64, "i": 32}}
+        for v in _variants(mp, ec).values():
+            if v[1] == "_grouped_gemm_fwd_kernel":
+                out["ks256"].append(((*v, 90, "bf16"), None))
+        rows = {"concat": {}, "interleaved": {"act": "swiglu_oai", "interleaved": True, "transposed": True}}
+        for v in _variants(mp, rows, (9, 0), lambda *a, **k: ROW_CFG).values():
+            if v[1] == "_grouped_gemm_fwd_kernel":
+                out["rows64"].append(((*v, 80, "fp16"), None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """{batch: [(job, extra, result)]}, every batch compiled in one pool of workers."""
+    batches = _batches()
+    flat = [(b, job, extra) for b, items in batches.items() for job, extra in items]
+    results = _compile_all([job for _, job, _ in flat])
+    out: dict = {b: [] for b in batches}
+    for (b, job, extra), r in zip(flat, results):
+        out[b].append((job, extra, r))
+    return out
+
+
+def _no_errors(items):
+    errors = [r for _, _, r in items if "error" in r]
     assert not errors, "\n".join(f"{r['label']} sm_{r['arch']} {r['dtype']}: {r['error']}" for r in errors)
+
+
+def _where(r):
+    return f"{r['label']} sm_{r['arch']} {r['dtype']}"
+
+
+def test_every_kernel_variant_compiles_for_sm90_and_sm80(compiled):
+    items = compiled["all"]
+    labels = sorted({job[0] for job, _, _ in items})
+    # Forward GEMM1 (3 epilogue shapes + recompute), GEMM2 (fused / plain), dGEMM2 (3), dGEMM1 (2), combine.
+    assert len(labels) >= 10, labels
+    assert any(":_combine_fwd_kernel" in lab for lab in labels)
+    _no_errors(items)
+    results = [r for _, _, r in items]
     for r in results:
-        where = f"{r['label']} sm_{r['arch']} {r['dtype']}"
-        assert r["shared"] <= r["limit"], f"{where}: {r['shared']} bytes of shared memory > {r['limit']}"
+        assert r["shared"] <= r["limit"], f"{_where(r)}: {r['shared']} bytes of shared memory > {r['limit']}"
         if r["gemm"] and r["arch"] == 90:
-            assert r["wgmma"], f"{where}: the GEMM does not use wgmma"
+            assert r["wgmma"], f"{_where(r)}: the GEMM does not use wgmma"
         if r["gemm"] and r["local"] is not None:
-            assert r["local"] == 0, f"{where}: {r['local']} bytes of local memory (register spills), {r['regs']} regs"
+            assert r["local"] == 0, f"{_where(r)}: {r['local']} bytes of local memory (register spills), {r['regs']} regs"
     # The pipeliner really pipelines the prefill GEMM (several stages of A and B tiles).
     gemm1 = [r for r in results if r["gemm"] and r["arch"] == 90 and "swiglu-concat" in r["label"]]
     assert max(r["shared"] for r in gemm1) >= 3 * (64 * 64 + 2 * 64 * 64) * 2
+
+
+def test_large_expert_configs_fit_consumer_and_datacenter_gpus(compiled):
+    """Mixtral-sized configs (gated GEMM1 with two 128-wide B tiles, 8 warps) on sm_80,
+    sm_89, sm_90 and sm_120: each fits the arch's shared memory (sm_120 has 99 KB: 4
+    stages of that GEMM1 need 120 KB), none spills, and the heuristic's estimate of the
+    pipeline's shared memory is what the compiler allocates."""
+    items = compiled["large"]
+    _no_errors(items)
+    assert {job[5] for job, _, _ in items} == set(LARGE_ARCHS)
+    for job, cap, r in items:
+        spec = job[2]
+        c = {n: spec[n][1] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI", "GATED")}
+        stages = job[4]
+        assert r["shared"] <= r["limit"], f"{_where(r)}: {r['shared']} B of shared memory > {r['limit']} ({stages} stages)"
+        if r["local"] is not None:
+            assert r["local"] == 0, f"{_where(r)}: {r['local']} B of local memory (register spills), {r['regs']} regs"
+        b_tiles = 2 if (c["EPI"] == 1 and c["GATED"]) else 1
+        est = configs.pipeline_shared_bytes(cap, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], 2, b_tiles, stages)
+        assert est <= r["shared"] <= est + 1024, f"{_where(r)}: estimate {est} B, compiled {r['shared']} B"
+    gemm1 = {job[5]: job for job, _, _ in items if job[2]["EPI"][1] == 1}
+    for arch, job in gemm1.items():
+        assert job[2]["BLOCK_N"][1] == 128 and job[3] == 8, f"sm_{arch}: not the large-expert GEMM1 config"
+    # sm_90 keeps 4 stages (4 buffers: 160 KB), sm_120 drops from 4 to 3 (2 buffers: 80 KB).
+    assert gemm1[90][4] == 4 and gemm1[80][4] == 3 and gemm1[120][4] == 3 and gemm1[89][4] == 3
+
+
+def test_expert_choice_256_columns_no_spills(compiled):
+    """Expert Choice with E = 256: token_slots has 256 columns. The fused combine and the
+    prologue read them 16 at a time (one [64, 256] int32 tile took 249 registers and
+    spilled on sm_90)."""
+    items = compiled["ks256"]
+    _no_errors(items)
+    assert any(job[2]["FUSED_COMBINE"][1] for job, _, _ in items)
+    assert any(job[2]["PRO_EMPTY_ROWS"][1] for job, _, _ in items)
+    if items[0][2]["local"] is None:
+        pytest.skip("cuobjdump not found: no register report")
+    for job, _, r in items:
+        assert job[2]["KS_BLOCK"][1] == 16
+        assert r["local"] == 0, f"{_where(r)}: {r['local']} B of local memory (register spills), {r['regs']} regs"
+
+
+def test_row_offsets_are_64_bit(compiled):
+    """Row indices are multiplied by row strides in 64 bits, in every GEMM mode: the
+    Triton IR has the integer width of each multiply, before LLVM folds them into
+    addresses. With rows [64, 1] (prologue [16, 1]) and K/N offsets 32 wide, any 32-bit
+    multiply of a row-shaped tensor is a row offset that overflows past 2^31 elements
+    (a [T, H] activation with T*H > 2^31: 262144 tokens of H = 8192). The interpreter
+    cannot show it: it would need a buffer of 2^31 elements."""
+    items = compiled["rows64"]
+    _no_errors(items)
+    assert {job[2]["EPI"][1] for job, _, _ in items} == {0, 1, 2}
+    for job, _, r in items:
+        assert ROW_CFG.BLOCK_M == job[2]["BLOCK_M"][1]
+        narrow = {t: n for t, n in r["muls"].items() if t in ("tensor<64x1xi32>", "tensor<64xi32>",
+                                                             "tensor<16x1xi32>", "tensor<16xi32>")}
+        assert not narrow, f"{r['label']}: 32-bit row offset multiplies {narrow}"
+        assert r["muls"].get("tensor<64x1xi64>", 0) > 0, f"{r['label']}: no 64-bit row multiply found {r['muls']}"
 
 
 @pytest.mark.parametrize("v", [0, 1, 16, 17, 2**40, 1.5, None, "ieee"])

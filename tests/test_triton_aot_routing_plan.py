@@ -87,6 +87,10 @@ def _all_jobs():
             jobs[("bwd", dt, arch)] = _routing_bwd(dt, arch)
             jobs[("wgrad", dt, arch)] = _wgrad(dt, arch)
     jobs[("bias-only", "bf16", 90)] = _wgrad("bf16", 90, has_w=False)
+    for arch in ARCHS:  # fp32 weight gradients under TF32 (when torch allows it, like the GEMMs)
+        job = _wgrad("fp32", arch)
+        job["constexprs"] = dict(job["constexprs"], PRECISION="tf32")
+        jobs[("wgrad-tf32", arch)] = job
     # Triton's JIT turns integer arguments equal to 1 into constants: compile the launches
     # where that happens (decode T=1 and unit strides, Switch K=top_k=1, bias-only K=1).
     for key, job, ones in ((("one", "routing"), _routing_fwd("bf16", "softmax", 90), ("T", "stride_e", "stride_b")),
@@ -146,6 +150,11 @@ def test_wgrad(compiled, arch, dt):
     info = _get(compiled, ("wgrad", dt, arch))
     _check(info, arch)
     assert info.uses_wgmma == (arch == 90 and dt != "fp32"), "16-bit wgrad on sm_90 must use wgmma"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wgrad_tf32(compiled, arch):
+    _check(_get(compiled, ("wgrad-tf32", arch)), arch)
 
 
 def test_bias_only_variant(compiled):

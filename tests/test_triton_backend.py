@@ -117,10 +117,13 @@ def test_fused_and_separate_combine_agree_bitwise_and_runs_are_deterministic():
 
 def _launch_log(monkeypatch, fn):
     """Run ``fn``; return (Triton kernel launches, names of torch compute ops run outside
-    them). Torch ops that launch a GPU kernel count; allocations and views do not."""
+    them and outside the load-balancing loss, names of the loss's torch ops). Torch ops
+    that launch a GPU kernel count; allocations and views do not."""
     import triton.runtime.interpreter as interp
     from torch.profiler import ProfilerActivity, profile, record_function
     from triton.runtime.jit import JITFunction
+
+    from moe_kernels.triton import backend as tbackend
 
     launches = []
     for cls in (interp.InterpretedFunction, JITFunction):
@@ -132,6 +135,13 @@ def _launch_log(monkeypatch, fn):
                 return _real(self, *a, **kw)
 
         monkeypatch.setattr(cls, "run", run)
+    real_loss = tbackend._balance_loss
+
+    def loss(*a, **kw):
+        with record_function("__balance_loss__"):
+            return real_loss(*a, **kw)
+
+    monkeypatch.setattr(tbackend, "_balance_loss", loss)
     # As on a GPU: no data-dependent argument checks (they are host syncs, off there).
     import moe_kernels._checks as checks
     import moe_kernels.plan as plan_mod
@@ -144,17 +154,29 @@ def _launch_log(monkeypatch, fn):
             "aten::as_strided", "aten::transpose", "aten::t", "aten::expand", "aten::slice", "aten::select",
             "aten::detach", "aten::alias", "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::reshape",
             "aten::lift_fresh", "aten::contiguous", "aten::resolve_conj", "aten::resolve_neg"}
-    compute = set()
+    compute, loss_ops = set(), set()
     for ev in prof.events():
         if not ev.name.startswith("aten::") or ev.name in free:
             continue
-        p, inside = ev.cpu_parent, False
+        p, where = ev.cpu_parent, None
         while p is not None:
-            inside |= p.name == "__triton_launch__"
+            if p.name in ("__triton_launch__", "__balance_loss__"):
+                where = p.name
             p = p.cpu_parent
-        if not inside:
+        if where is None:
             compute.add(ev.name)
-    return launches, compute
+        elif where == "__balance_loss__":
+            loss_ops.add(ev.name)
+    return launches, compute, loss_ops
+
+
+# The load-balancing loss (always reported, as by the torch and cuda backends; see
+# backend.py): a clamp, a softmax and topk_load_balancing_loss's few reductions, torch
+# ops outside the 4 Triton kernels of the expert path. Names across torch versions.
+_LOSS_OPS = {"aten::clamp_max", "aten::clamp", "aten::softmax", "aten::_softmax", "aten::_to_copy", "aten::to",
+             "aten::copy_", "aten::zeros", "aten::zero_", "aten::fill_", "aten::scatter_add_", "aten::scatter_add",
+             "aten::ones", "aten::div", "aten::div_", "aten::mean", "aten::sum", "aten::mul", "aten::mul_",
+             "aten::_to_dim_order_copy", "aten::empty_like", "aten::ones_like"}
 
 
 @pytest.mark.parametrize("router,opts", [
@@ -162,8 +184,9 @@ def _launch_log(monkeypatch, fn):
     pytest.param("grouped_sigmoid_topk", {"top_k": 2, "n_group": 2, "topk_group": 1}, id="grouped-sigmoid"),
 ])
 def test_forward_is_four_launches_for_topk_routers(monkeypatch, router, opts):
-    """Routing + plan + GEMM1 + GEMM2 (combine fused): 4 kernel launches, no torch
-    compute op (torch.zeros would be a fill kernel on a GPU), for inference."""
+    """Routing + plan + GEMM1 + GEMM2 (combine fused): 4 kernel launches and no torch
+    compute op (torch.zeros would be a fill kernel on a GPU) on the expert path, for
+    inference; the softmax router's load-balancing loss is the only other work."""
     t, h, i, e = 7, 32, 32, 4
     x = torch.randn(t, h, device=DEVICE)
     logits = torch.randn(t, e, device=DEVICE)
@@ -171,10 +194,12 @@ def test_forward_is_four_launches_for_topk_routers(monkeypatch, router, opts):
     run = (lambda: mk.moe(x, logits, w13, w2, router=router, backend="triton", **opts))
     with torch.no_grad():
         run()  # warm caches (imports, backend registry)
-        launches, compute = _launch_log(monkeypatch, run)
+        launches, compute, loss_ops = _launch_log(monkeypatch, run)
     assert compute == set(), f"torch ops that would launch GPU kernels: {sorted(compute)}"
     assert len(launches) == 4, launches
     assert launches.count("_grouped_gemm_fwd_kernel") == 2
+    assert loss_ops <= _LOSS_OPS, f"the loss runs unexpected ops: {sorted(loss_ops - _LOSS_OPS)}"
+    assert bool(loss_ops) == (router == "softmax_topk")
 
 
 def test_separate_combine_is_five_launches(monkeypatch):
@@ -183,8 +208,23 @@ def test_separate_combine_is_five_launches(monkeypatch):
     w13, w2, _, _ = make_weights(e, h, i, "swiglu", torch.float32, bias=False)
     monkeypatch.setenv(ops.ENV_COMBINE, "separate")
     with torch.no_grad():
-        launches, compute = _launch_log(monkeypatch, lambda: mk.moe(x, logits, w13, w2, top_k=2, backend="triton"))
+        launches, compute, _ = _launch_log(monkeypatch, lambda: mk.moe(x, logits, w13, w2, top_k=2, backend="triton"))
     assert compute == set() and len(launches) == 5 and "_combine_fwd_kernel" in launches
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["eval-no-grad", "training"])
+def test_losses_match_torch_backend_in_eval_and_training(grad):
+    """routing.losses has the torch backend's keys and values with and without grad."""
+    t, e = 21, 7
+    logits = torch.randn(t, e, device=DEVICE, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        got = get_backend("triton", DEVICE).route(logits, "softmax_topk", {"top_k": 2})
+        want = get_backend("torch", DEVICE).route(logits, "softmax_topk", {"top_k": 2})
+    assert set(got.losses) == set(want.losses) == {"load_balancing"}
+    torch.testing.assert_close(got.losses["load_balancing"], want.losses["load_balancing"].float())
+    if grad:
+        got.losses["load_balancing"].backward()
+        assert logits.grad is not None and float(logits.grad.abs().max()) > 0
 
 
 # --------------------------------------------------------------------------- availability and bad input
@@ -251,3 +291,84 @@ def test_poisoned_plan_and_routing_buffers(monkeypatch):
     out, routing = mk.moe(x, logits, w13, w2, b13, b2, top_k=2, backend="triton", return_routing=True)
     assert not (routing.slot_token == POISON_INT).any()
     assert_close(out, _reference(x, routing, w13, w2, b13, b2, "swiglu", False, False), 1e-4, "out")
+
+
+# --------------------------------------------------------------------------- device of the launches
+
+
+def test_on_device_context():
+    """Launches go to the tensors' GPU: torch.cuda.device(dev) for a CUDA device (built
+    without touching a GPU), a no-op on the CPU."""
+    import contextlib
+
+    from moe_kernels.triton import on_device
+    ctx = on_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(on_device("cuda:3"), torch.cuda.device) and on_device("cuda:3").idx == 3
+    assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)
+    assert isinstance(on_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_every_launch_runs_inside_the_device_context(monkeypatch):
+    """Forward and backward (fused and separate combine, routing, plan, GEMMs, wgrad):
+    each Triton launch happens inside on_device() of its tensors' device."""
+    import triton.runtime.interpreter as interp
+    from triton.runtime.jit import JITFunction
+
+    import moe_kernels.triton as tpkg
+    from moe_kernels.triton import combine, gemm, plan, routing, wgrad
+    depth, entered, outside = [0], [], []
+    real_ctx = tpkg.on_device
+
+    class Tracked:
+        def __init__(self, t):
+            self.dev = t.device if isinstance(t, torch.Tensor) else torch.device(t)
+            self.inner = real_ctx(t)
+
+        def __enter__(self):
+            depth[0] += 1
+            entered.append(self.dev)
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            depth[0] -= 1
+            return self.inner.__exit__(*exc)
+
+    for mod in (ops, routing, plan, wgrad, combine, gemm):
+        assert mod.on_device is real_ctx, f"{mod.__name__} must launch through moe_kernels.triton.on_device"
+        monkeypatch.setattr(mod, "on_device", Tracked)
+    launches = []
+    for cls in (interp.InterpretedFunction, JITFunction):
+        real = cls.run
+
+        def run(self, *a, _real=real, **kw):
+            launches.append(self.fn.__name__)
+            if depth[0] == 0:
+                outside.append(self.fn.__name__)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "run", run)
+    t, h, i, e = 9, 32, 32, 4
+    x = torch.randn(t, h, device=DEVICE, requires_grad=True)
+    logits = torch.randn(t, e, device=DEVICE, requires_grad=True)
+    w13, w2, b13, b2 = (v.requires_grad_(True) for v in make_weights(e, h, i, "swiglu", torch.float32, bias=True))
+    for comb in ("fused", "separate"):
+        monkeypatch.setenv(ops.ENV_COMBINE, comb)
+        out = mk.moe(x, logits, w13, w2, b13, b2, top_k=2, backend="triton")
+        out.square().sum().backward()
+    assert not outside, f"launched outside on_device: {outside}"
+    assert {"_topk_route_fwd_kernel", "_topk_route_bwd_kernel", "_plan_fwd_kernel", "_grouped_gemm_fwd_kernel",
+            "_expert_wgrad_bwd_kernel", "_combine_fwd_kernel"} <= set(launches)
+    assert entered and all(d == x.device for d in entered)
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_one_reading_of_triton_interpret(monkeypatch, value, want):
+    """TRITON_INTERPRET has one parser (moe_kernels.triton.interpreting), which the
+    backend's availability and the tests' helper both use."""
+    import triton_interp
+
+    from moe_kernels import triton as tpkg
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert tpkg.interpreting() is want and triton_interp.interpreting() is want
+    assert (TritonBackend().unavailable(torch.device("cpu")) is None) is want

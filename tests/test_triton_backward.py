@@ -209,7 +209,9 @@ def train_curve(backend: str, steps: int, *, hidden=32, inter=32, experts=4, top
 
 
 def test_training_curve_matches_torch_backend():
-    steps = 60
+    # The task is learned by step 5 (loss 1.5 -> 0.01): 30 steps cover the descent and
+    # a plateau long enough for a drift between the backends to show.
+    steps = 30
     ref = train_curve("torch", steps)
     tri = train_curve("triton", steps)
     assert ref[-1] < 0.5 * ref[0], "the task must be learnable in the steps given"

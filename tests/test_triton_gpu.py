@@ -1,5 +1,6 @@
 """backend="triton" on a real GPU: bf16/fp16 at model sizes, backward, CUDA-graph
-capture, determinism of the fused combine under real concurrency, autotune.
+capture, determinism of the fused combine under real concurrency, autotune, both TF32
+APIs, rows past 2^31 elements, launches on the tensors' GPU (two GPUs).
 
 Every test is marked ``gpu`` and skipped without CUDA. Sizes: Mixtral-8x7B (E=8,
 H=4096, I=14336, k=2) and Qwen3-30B-A3B (E=128, H=2048, I=768, k=8) at T = 1, 128,
@@ -122,14 +123,68 @@ def test_cuda_graph_capture_of_the_forward():
     assert torch.equal(static_out, run())
 
 
-def test_fp32_matches_without_tf32():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    w13, w2 = _weights(8, 512, 256, torch.float32)
-    x = torch.randn(300, 512, device="cuda")
-    logits = torch.randn(300, 8, device="cuda")
-    out, routing = mk.moe(x, logits, w13, w2, top_k=2, backend="triton", return_routing=True)
-    ref = mk.fused_experts(x, routing, w13, w2, backend="torch")
-    assert _rel_err(out, ref) < 1e-5
+@pytest.mark.parametrize("api", ["fp32_precision", "allow_tf32"])
+def test_fp32_matches_without_tf32(api):
+    """IEEE fp32 set through either torch API (the new one makes reading the legacy flag
+    raise); restored afterwards."""
+    m = torch.backends.cuda.matmul
+    if api == "fp32_precision" and not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = getattr(m, api)
+    setattr(m, api, "ieee" if api == "fp32_precision" else False)
+    try:
+        w13, w2 = _weights(8, 512, 256, torch.float32)
+        x = torch.randn(300, 512, device="cuda")
+        logits = torch.randn(300, 8, device="cuda")
+        out, routing = mk.moe(x, logits, w13, w2, top_k=2, backend="triton", return_routing=True)
+        ref = mk.fused_experts(x, routing, w13, w2, backend="torch")
+        assert _rel_err(out, ref) < 1e-5
+    finally:
+        setattr(m, api, saved)
+
+
+def test_rows_past_2_31_elements():
+    """x and out with more than 2^31 elements (4.3 GB of bf16): the routed tokens sit
+    past row 2^31 / H, so a 32-bit row offset would address the wrong memory."""
+    h, i, e = 2048, 256, 4
+    t = 2**31 // h + 1024
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs about 20 GB of GPU memory")
+    w13, w2 = _weights(e, h, i, torch.bfloat16)
+    x = torch.zeros(t, h, device="cuda", dtype=torch.bfloat16)
+    tail = torch.randn(96, h, device="cuda", dtype=torch.bfloat16)
+    x[-96:] = tail
+    ids = torch.full((t, 2), -1, dtype=torch.int32, device="cuda")  # only the last 96 tokens are routed
+    ids[-96:] = torch.randint(0, e, (96, 2), device="cuda", dtype=torch.int32)
+    ids[-96:, 1] = (ids[-96:, 0] + 1) % e
+    w = torch.rand(t, 2, device="cuda")
+    out = mk.fused_experts(x, mk.Routing.from_topk(ids, w, e), w13, w2, backend="triton")
+    ref = mk.fused_experts(tail, mk.Routing.from_topk(ids[-96:].contiguous(), w[-96:].contiguous(), e), w13, w2,
+                           backend="torch")
+    assert x.numel() > 2**31 and torch.isfinite(out[-96:]).all()
+    assert _rel_err(out[-96:], ref) < _TOL[torch.bfloat16]
+    assert not out[:-96].any(), "tokens without a slot get zero rows"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_follow_the_tensors_device_not_the_current_one():
+    """Tensors on cuda:1 while the current device is cuda:0: every kernel runs on
+    cuda:1 (Triton launches on the current device unless the launcher switches)."""
+    w13, w2 = _weights(8, 512, 256, torch.bfloat16)
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(64, 8, device="cuda", requires_grad=True)
+    ref, routing = mk.moe(x, logits, w13, w2, top_k=2, backend="triton", return_routing=True)
+    ref.float().sum().backward()
+    ref_grad = logits.grad.clone()
+    dev = torch.device("cuda", 1)
+    x1, w13_1, w2_1 = x.to(dev), w13.to(dev), w2.to(dev)
+    logits1 = logits.detach().to(dev).requires_grad_(True)
+    torch.cuda.set_device(0)
+    out = mk.moe(x1, logits1, w13_1, w2_1, top_k=2, backend="triton")
+    out.float().sum().backward()
+    torch.cuda.synchronize(dev)
+    assert out.device == dev and torch.equal(out.cpu(), ref.cpu())
+    assert torch.equal(logits1.grad.cpu(), ref_grad.cpu())
 
 
 def test_autotune_flag(monkeypatch):

@@ -120,6 +120,34 @@ def test_expert_choice_layout_with_dropped_slots(monkeypatch):
     _compare(monkeypatch, r, 16)
 
 
+@pytest.mark.parametrize("layout", ["token-major", "expert-choice"])
+def test_negative_expert_ids_are_dropped(monkeypatch, layout):
+    """Ids < 0 (the checks that reject them are host syncs, off on a GPU) are dropped
+    slots like E, never placed at padded row 0 through an all-zero one-hot row. Routing
+    rejects them on the CPU, so the launcher is called directly; the reference is the
+    torch plan of the same ids with every negative one mapped to E."""
+    poison_empty(monkeypatch, TP)
+    t, e, k = 23, 5, 3
+    ids = torch.randint(0, e, (t, k), dtype=torch.int32, device=DEVICE)
+    ids[0, 0] = -1  # the first slot: the one whose padded row 0 a bad id would overwrite
+    ids[torch.rand(t, k, device=DEVICE) < 0.2] = -1
+    ids[7, 1] = -5
+    ids[9] = -1  # a token with no valid slot
+    se = ids.view(-1).contiguous()
+    tok = torch.arange(t, dtype=torch.int32, device=DEVICE).repeat_interleave(k)
+    if layout == "token-major":
+        top_k, width = k, k
+    else:  # the same slots as an expert-choice (top_k=None) layout: table filled per token
+        top_k, width = 0, k
+    got = dict(zip(FIELDS, TP._launch(se, tok, t, e, width, top_k, 16)))
+    mapped = torch.where(se < 0, torch.full_like(se, e), se)
+    want = build_plan_torch(Routing(tok, mapped, torch.rand(t * k, device=DEVICE), t, e, width,
+                                    top_k=top_k or None), 16)
+    for f in FIELDS:
+        assert_no_poison(got[f], f)
+        assert torch.equal(got[f], getattr(want, f)), f"{f} differs:\n{got[f]}\nvs\n{getattr(want, f)}"
+
+
 def test_dense(monkeypatch):
     _compare(monkeypatch, R.dense_softmax(_logits(7, 5)), 16)
 

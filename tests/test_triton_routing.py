@@ -212,3 +212,43 @@ def test_bad_logits():
         fused_topk(torch.randn(2, 1025, device=DEVICE), 2)
     with pytest.raises(ValueError, match="logits"):
         fused_topk(torch.randn(8, device=DEVICE), 2)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN rows, in the interpreter
+@pytest.mark.parametrize("scoring,e,inf", [
+    pytest.param("softmax", 8, False, id="softmax-nan-row-E8-BLOCK_E16"),
+    pytest.param("softmax", 16, True, id="softmax-inf-logit-E-pow2"),
+    pytest.param("sigmoid", 13, False, id="sigmoid-nan-row-prime-E"),
+])
+def test_nan_rows_are_dropped_never_past_E(monkeypatch, scoring, e, inf):
+    """A NaN row (the public API rejects NaN only where it can check, on the CPU, so the
+    launcher is called directly): every id is E, every weight 0, no counts, zero
+    gradient; the other rows are untouched. Without the clamp a NaN row's argmax finds
+    no column holding the (NaN-ignoring) max, or only padding columns: ids >= E, and
+    weights NaN."""
+    poison_empty(monkeypatch, TR)
+    t, k = 37, 3
+    x = _logits(t, e)
+    bad_rows = [0, 5, 36]  # the first, one inside, the last (tail of the second program)
+    x[0, 2] = float("nan")  # one NaN logit
+    x[5] = float("nan")  # a whole NaN row
+    x[36, 1] = float("inf") if inf else float("nan")
+    sig = scoring == "sigmoid"
+    ids, w, counts, tok = TR._launch_fwd(x, None, k, sig, True, 1, 1, 1.0, True)
+    assert int(ids.max()) <= e, f"ids past the dropped sentinel E={e}: {ids[bad_rows].tolist()}"
+    assert (ids[bad_rows] == e).all(), ids[bad_rows].tolist()
+    assert (w[bad_rows] == 0).all(), f"a dropped row's weights must be 0, got {w[bad_rows].tolist()}"
+    for name, v in (("ids", ids), ("weights", w), ("counts", counts), ("tokens", tok)):
+        assert_no_poison(v, name)
+    good = torch.ones(t, dtype=torch.bool, device=DEVICE)
+    good[bad_rows] = False
+    rids, rw, _ = fused_topk_torch(x[good], k, scoring=scoring)
+    _check((ids[good], w[good], counts), (rids, rw, torch.bincount(rids.view(-1).long(), minlength=e).int()),
+           "good rows")
+    if inf and not sig:
+        return
+    g = torch.randn(t, k, device=DEVICE)
+    dx = TR._launch_bwd(x, ids, g, sig, True, 1.0)
+    assert_no_poison(dx[good], "dlogits")
+    assert (dx[bad_rows] == 0).all(), "a dropped row's weights are constant zeros"
+    assert torch.isfinite(dx[good]).all()

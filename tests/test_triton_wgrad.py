@@ -191,3 +191,24 @@ def test_bf16_shim_is_exact(bf16_interp):
     assert torch.equal(m, a.max(1).values)
     assert torch.equal(s, f(a).sum(1).bfloat16()) or float((f(s) - f(a).sum(1)).abs().max()) < 0.02
     torch.testing.assert_close(d, f(a) @ f(b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32_precision_follows_the_gemms(monkeypatch, tf32):
+    """fp32 weight gradients use TF32 exactly when the GEMMs (and torch's matmuls) do;
+    16-bit inputs leave the precision to tl.dot's default."""
+    from moe_kernels.triton import gemm
+    monkeypatch.setattr(gemm, "tf32_allowed", lambda: tf32)
+    seen = []
+
+    class Probe:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(kw["PRECISION"])
+
+    monkeypatch.setattr(TW, "_expert_wgrad_bwd_kernel", Probe())
+    plan = _plan("topk2", 9, 4)
+    for dt in (torch.float32, torch.float16):
+        a = torch.randn(plan.num_tokens, 16, device=DEVICE).to(dt)
+        b = torch.randn(plan.num_slots, 16, device=DEVICE).to(dt)
+        expert_weight_grad(a, "token", b, "slot", plan)
+    assert seen == [gemm.dot_precision(torch.float32), None] == [("tf32" if tf32 else "ieee"), None]

@@ -46,7 +46,10 @@ def import_or_skip():
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """The package's own reading of ``TRITON_INTERPRET`` (one parser everywhere)."""
+    from moe_kernels.triton import interpreting as pkg_interpreting
+
+    return pkg_interpreting()
 
 
 POISON_INT = -777

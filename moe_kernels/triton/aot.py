@@ -2,9 +2,9 @@
 
 :func:`compile_for` runs Triton's whole compiler (TTIR → TTGIR → LLVM → PTX → cubin via
 ptxas) for ``sm_<arch>`` on a machine with no GPU, and reports what a test can check:
-the PTX, the shared memory the launch needs (against :func:`shared_limit`), whether the
-matrix ops became Hopper ``wgmma``, and registers and local memory (where spills go)
-when ``cuobjdump`` is found.
+the PTX and the Triton IR, the shared memory the launch needs (against
+:func:`shared_limit`), whether the matrix ops became Hopper ``wgmma``, and registers
+and local memory (where spills go) when ``cuobjdump`` is found.
 It catches type and lowering errors of every kernel variant (bf16 included, which the
 interpreter cannot run) and configurations that cannot launch.
 
@@ -31,10 +31,13 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 
-__all__ = ["CompiledInfo", "compile_for", "compile_many", "shared_limit", "SHARED_LIMITS"]
+# SHARED_LIMITS: the largest dynamic shared memory one CTA may use
+# (cudaDevAttrMaxSharedMemoryPerBlockOptin), the table the config heuristic sizes its
+# pipelines with.
+from . import interpreting
+from .configs import SHARED_LIMITS
 
-# Largest dynamic shared memory one CTA may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-SHARED_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+__all__ = ["CompiledInfo", "compile_for", "compile_many", "shared_limit", "SHARED_LIMITS"]
 
 
 def shared_limit(arch: int) -> int:
@@ -60,6 +63,7 @@ class CompiledInfo:
     # Stack frame + local memory per thread, from cuobjdump (None when not available):
     # register spills land here; a few bytes of stack frame without spills are common.
     local_bytes: int | None = None
+    ttir: str = ""  # Triton IR before lowering: integer widths of the index arithmetic, per op
 
     @property
     def fits_shared(self) -> bool:
@@ -127,7 +131,7 @@ def _compile_here(kernel, sig: dict, constexprs: dict, arch: int, num_warps: int
     regs, local = _resource_usage(compiled.asm.get("cubin", b""), compiled.metadata.name)
     return CompiledInfo(name=compiled.metadata.name, arch=arch, ptx=ptx, shared_bytes=int(compiled.metadata.shared),
                         num_warps=num_warps, num_stages=num_stages, uses_wgmma="wgmma" in ptx,
-                        n_regs=regs, local_bytes=local)
+                        n_regs=regs, local_bytes=local, ttir=compiled.asm.get("ttir", ""))
 
 
 def _resolve(module: str, qualname: str):
@@ -152,10 +156,6 @@ def _child_main(jobs_path: str, out_path: str) -> None:
         pickle.dump(results, f)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def compile_many(jobs: list[dict], raise_errors: bool = True) -> list:
     """Compile several kernel variants; each job is a dict of :func:`compile_for`'s
     arguments (``kernel``, ``signature``, ``constexprs``, ``arch``, optional
@@ -176,7 +176,7 @@ def compile_many(jobs: list[dict], raise_errors: bool = True) -> list:
                          int(job.pop("num_warps", 4)), int(job.pop("num_stages", 3))))
         if job:
             raise ValueError(f"jobs: unknown keys {sorted(job)}")
-    if not _interpreting():
+    if not interpreting():
         results = []
         for kernel, _m, qualname, sig, ce, arch, warps, stages in prepared:
             try:

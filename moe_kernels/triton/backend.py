@@ -1,32 +1,36 @@
 """The ``triton`` backend: fused routing, one-launch plan, gathered grouped GEMMs.
 
-A top-k layer forward is 4 launches: routing (routing.py), plan (plan.py), GEMM1 and
-GEMM2 with the combine fused into its epilogue (gemm.py, ops.py). Other routers (noisy
-top-k, Switch, Expert Choice, dense) route with the pure-PyTorch routers and share
-the rest. Runs on CUDA GPUs of compute capability 8.0 and newer, and on the CPU under
-``TRITON_INTERPRET=1`` (slow: for tests).
+A top-k layer forward runs 4 Triton kernels: routing (routing.py), plan (plan.py),
+GEMM1 and GEMM2 with the combine fused into its epilogue (gemm.py, ops.py). Other
+routers (noisy top-k, Switch, Expert Choice, dense) route with the pure-PyTorch routers
+and share the rest. Runs on CUDA GPUs of compute capability 8.0 and newer, and on the
+CPU under ``TRITON_INTERPRET=1`` (slow: for tests).
 
-Aux losses: the fused routers return no probabilities, so the softmax top-k
-load-balancing loss (Mixtral's form, equal to the torch router's) is computed from the
-logits with torch ops only when it can matter, i.e. when the logits require grad;
-inference stays at 4 launches.
+Aux losses: ``routing.losses`` has the same keys as the torch and cuda backends',
+in training and in inference alike: the fused softmax top-k router reports
+``"load_balancing"`` (:func:`moe_kernels.routing.topk_load_balancing_loss` of the
+softmax of the logits and the chosen ids; the fused kernel returns no probabilities).
+Chosen over computing it only when the logits require grad, which made eval-time
+``routing.losses`` / ``layer.aux_loss`` differ between backends: a caller logging the
+balance at eval would silently get 0 here. Its price in inference is a few small torch
+ops on [T, E] (a softmax, a scatter-add, two reductions) next to the 4 Triton kernels;
+the launch-count test counts the expert path's Triton kernels and accounts for
+exactly these loss ops. The grouped sigmoid router (DeepSeek-V3) has no aux loss in any
+backend.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ..backends.base import Backend
 from ..params import ExpertParams
 from ..plan import DispatchPlan, build_plan_torch
-from ..routing import Routing, route
+from ..routing import Routing, route, topk_load_balancing_loss
+from . import MAX_EXPERTS, interpreting
 from .configs import capability_of, layer_block_m
 from .ops import moe_experts
-from .plan import MAX_EXPERTS as _PLAN_MAX_EXPERTS
 from .plan import build_plan_triton
-from .routing import MAX_EXPERTS as _ROUTE_MAX_EXPERTS
 from .routing import route_topk
 
 __all__ = ["TritonBackend"]
@@ -35,20 +39,13 @@ _SOFTMAX_OPTS = {"top_k", "renormalize"}
 _SIGMOID_OPTS = {"top_k", "bias", "n_group", "topk_group", "routed_scaling_factor", "renormalize"}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _load_balancing(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Mixtral's load-balancing loss over the top-k assignments, as
-    :func:`moe_kernels.routing.softmax_topk` computes it."""
-    t, e = logits.shape
-    k = routing.top_k
-    probs = torch.softmax(logits.float(), dim=-1)
-    ids = routing.slot_expert.long()
-    f = torch.zeros(e, dtype=probs.dtype, device=probs.device).scatter_add_(
-        0, ids, torch.ones(ids.numel(), dtype=probs.dtype, device=probs.device)) / (t * k)
-    return e * torch.sum(f * probs.mean(dim=0))
+def _balance_loss(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """:func:`~moe_kernels.routing.topk_load_balancing_loss` of a fused softmax top-k
+    routing. Ids equal to E (a NaN row, dropped by the kernel) are clamped into range:
+    that row's probabilities are NaN, so the loss is NaN either way, while an index
+    past E would be an out-of-bounds scatter (a device-side assert on a GPU)."""
+    ids = routing.slot_expert.view(logits.shape[0], -1).clamp_max(logits.shape[1] - 1)
+    return topk_load_balancing_loss(torch.softmax(logits.float(), dim=-1), ids)
 
 
 class TritonBackend(Backend):
@@ -65,7 +62,7 @@ class TritonBackend(Backend):
                         f"this one is {major}.{minor}: use backend='torch'")
             return None
         if device.type == "cpu":
-            if _interpreting():
+            if interpreting():
                 return None
             return ("the triton backend runs on CUDA GPUs; on the CPU only under the Triton interpreter "
                     "(set TRITON_INTERPRET=1 before importing triton; slow, for tests): use backend='torch'")
@@ -73,13 +70,12 @@ class TritonBackend(Backend):
 
     def route(self, logits: torch.Tensor, router: str, options: dict) -> Routing:
         fusable = (logits.dim() == 2 and logits.shape[0] > 0
-                   and logits.shape[1] <= min(_ROUTE_MAX_EXPERTS, _PLAN_MAX_EXPERTS)
+                   and logits.shape[1] <= MAX_EXPERTS
                    and logits.dtype in (torch.float16, torch.bfloat16, torch.float32))
         if fusable and router == "softmax_topk" and set(options) <= _SOFTMAX_OPTS and "top_k" in options:
             routing = route_topk(logits, options["top_k"], scoring="softmax",
                                  renormalize=options.get("renormalize", True))
-            if torch.is_grad_enabled() and logits.requires_grad:
-                routing.losses["load_balancing"] = _load_balancing(logits, routing)
+            routing.losses["load_balancing"] = _balance_loss(logits, routing)
             return routing
         if fusable and router == "grouped_sigmoid_topk" and set(options) <= _SIGMOID_OPTS and "top_k" in options:
             o = dict(options)
@@ -95,7 +91,7 @@ class TritonBackend(Backend):
 
     def plan(self, routing: Routing, params: ExpertParams) -> DispatchPlan:
         bm = self.block_m(params, routing.num_slots)
-        if routing.num_experts > _PLAN_MAX_EXPERTS:
+        if routing.num_experts > MAX_EXPERTS:
             return build_plan_torch(routing, bm)
         return build_plan_triton(routing, bm)
 

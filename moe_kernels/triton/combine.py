@@ -13,6 +13,10 @@ rows of tokens without a valid slot are zeroed by the *previous* kernel's prolog
 (``_zero_prologue``: GEMM1 for GEMM2, dGEMM2 for dGEMM1), which stream order makes
 visible before the combining kernel starts.
 
+The fused combine and the prologue read ``token_slots`` rows ``KS_BLOCK`` (<= 16)
+columns at a time: Expert Choice and dense routings have ``KS = E`` columns, and one
+[rows, E] int32 tile would spill.
+
 Separate (``_combine_fwd_kernel``): the fallback (``MOE_KERNELS_COMBINE=separate``),
 one extra launch, and the reference the fused path is checked against bit for bit: both
 sum the same ``y`` values in fp32 in ``token_slots`` column order. A token with no
@@ -26,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["combine", "combine_torch"]
+from ..backends.torch_backend import combine_slots
+from . import on_device
+
+__all__ = ["combine", "combine_torch", "ks_block"]
 
 
 @triton.jit
@@ -38,7 +45,7 @@ def _zero_prologue(
     pro_f32_ptr,        # [pro_f32_len] fp32 zeroed (the slot-weight gradient)
     stride_pro_om,
     PRO_COUNTERS: tl.constexpr, PRO_EMPTY_ROWS: tl.constexpr, PRO_F32: tl.constexpr,
-    KS_P2: tl.constexpr, BLOCK: tl.constexpr, PRO_T: tl.constexpr, PRO_N: tl.constexpr,
+    KS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PRO_T: tl.constexpr, PRO_N: tl.constexpr,
 ):
     # Grid-stride loops over every program of the launch, before its early exit.
     offs = tl.arange(0, BLOCK)
@@ -49,15 +56,13 @@ def _zero_prologue(
         for i0 in range(pid * BLOCK, pro_f32_len, nprog * BLOCK):
             tl.store(pro_f32_ptr + i0 + offs, tl.zeros([BLOCK], tl.float32), mask=i0 + offs < pro_f32_len)
     if PRO_EMPTY_ROWS:
-        ks = tl.arange(0, KS_P2)
         rows = tl.arange(0, PRO_T)
         cols = tl.arange(0, PRO_N)
         for t0 in range(pid * PRO_T, T, nprog * PRO_T):
             tok = (t0 + rows).to(tl.int64)
             tok_ok = tok < T
-            ts = tl.load(token_slots_ptr + tok[:, None] * KS + ks[None, :],
-                         mask=tok_ok[:, None] & (ks < KS)[None, :], other=-1)
-            empty = tok_ok & (tl.max(ts, axis=1) < 0)  # no valid slot: nobody else writes these rows
+            best = _max_slot(token_slots_ptr, tok, tok_ok, KS, KS_BLOCK, PRO_T)
+            empty = tok_ok & (best < 0)  # no valid slot: nobody else writes these rows
             if tl.max(empty.to(tl.int32), axis=0) > 0:
                 for n0 in range(0, pro_n, PRO_N):
                     tl.store(pro_out_ptr + tok[:, None] * stride_pro_om + (n0 + cols)[None, :],
@@ -66,20 +71,46 @@ def _zero_prologue(
 
 
 @triton.jit
+def _max_slot(token_slots_ptr,  # [T, KS] int32, -1 padded
+              tok, tok_ok, KS, KS_BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    # Largest slot id in each token's row (-1: no valid slot), KS_BLOCK columns at a
+    # time: KS is E for Expert Choice and dense routings (256 and more), and a whole
+    # [ROWS, KS] int32 tile is ROWS*KS/threads registers a thread (the fused combine's
+    # 64 x 256 tile: 128 registers, and GEMM2 spilled on sm_90).
+    ks = tl.arange(0, KS_BLOCK)
+    best = tl.full([ROWS], -1, tl.int32)
+    for k0 in range(0, KS, KS_BLOCK):
+        ts = tl.load(token_slots_ptr + tok[:, None] * KS + (k0 + ks)[None, :],
+                     mask=tok_ok[:, None] & (k0 + ks < KS)[None, :], other=-1)
+        best = tl.maximum(best, tl.max(ts, axis=1))
+    return best
+
+
+@triton.jit
+def _count_slots(token_slots_ptr,  # [T, KS] int32, -1 padded
+                 tok, tok_ok, KS, KS_BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    # Valid slots of each token, KS_BLOCK columns at a time (see _max_slot).
+    ks = tl.arange(0, KS_BLOCK)
+    n = tl.zeros([ROWS], tl.int32)
+    for k0 in range(0, KS, KS_BLOCK):
+        ts = tl.load(token_slots_ptr + tok[:, None] * KS + (k0 + ks)[None, :],
+                     mask=tok_ok[:, None] & (k0 + ks < KS)[None, :], other=-1)
+        n += tl.sum((ts >= 0).to(tl.int32), axis=1)
+    return n
+
+
+@triton.jit
 def _fused_combine(c_ptr,            # [S, N] this program's y rows were just stored (slot order)
                    token_slots_ptr,  # [T, KS] int32
                    counter_ptr,      # [T, num_pid_n] int32, zeroed by the previous kernel
                    out_ptr,          # [T, N] combined rows
                    token64, row_ok, cols, col_ok, offs_n, pid_n, num_pid_n, KS, stride_cm, stride_om,
-                   KS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   KS_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Every thread's y stores happen before the counter update (barrier, then acq_rel
     # atomics); one atomic per row: a [BLOCK_M, BLOCK_N] pointer tile with only column 0
     # live, so each live element has exactly one owning thread and its own return value.
     tl.debug_barrier()
-    ks = tl.arange(0, KS_P2)
-    ts = tl.load(token_slots_ptr + token64[:, None] * KS + ks[None, :],
-                 mask=row_ok[:, None] & (ks < KS)[None, :], other=-1)
-    n_valid = tl.sum((ts >= 0).to(tl.int32), axis=1)
+    n_valid = _count_slots(token_slots_ptr, token64, row_ok, KS, KS_BLOCK, BLOCK_M)
     first = row_ok[:, None] & (offs_n == 0)[None, :]
     cnt_ptrs = counter_ptr + token64[:, None] * num_pid_n + pid_n + offs_n[None, :] * 0
     old = tl.atomic_add(cnt_ptrs, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
@@ -97,6 +128,12 @@ def _fused_combine(c_ptr,            # [S, N] this program's y rows were just st
             total += yj.to(tl.float32)
         tl.store(out_ptr + token64[:, None] * stride_om + cols[None, :], total.to(out_ptr.dtype.element_ty),
                  mask=last[:, None] & col_ok[None, :])
+
+
+def ks_block(ks: int) -> int:
+    """Columns of ``token_slots`` the fused combine and the prologue read at a time: the
+    whole row for top-k routings (k <= 16), 16-column steps for wider tables."""
+    return min(16, triton.next_power_of_2(max(ks, 1)))
 
 
 @triton.jit
@@ -144,19 +181,17 @@ def combine(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None
     if t == 0 or n == 0:
         return out
     block = min(1024, triton.next_power_of_2(n))
-    _combine_fwd_kernel[(t, triton.cdiv(n, block))](y, token_slots, out, n, ks, y.stride(0), out.stride(0),
-                                                    BLOCK_N=block, num_warps=4)
+    with on_device(y):
+        _combine_fwd_kernel[(t, triton.cdiv(n, block))](y, token_slots, out, n, ks, y.stride(0), out.stride(0),
+                                                        BLOCK_N=block, num_warps=4)
     return out
 
 
 def combine_torch(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch twin of :func:`combine` (same summation order, fp32)."""
+    """Pure-PyTorch twin of :func:`combine`: the torch backend's
+    :func:`~moe_kernels.backends.torch_backend.combine_slots` on fp32 rows, rounded to
+    ``out``'s dtype. It sums the same values in fp32, possibly in another association
+    order than the kernel (equal to fp32 rounding, not bit for bit)."""
     out = _check(y, token_slots, out)
-    s, n = y.shape
-    ys = torch.cat([y.float(), y.new_zeros(1, n, dtype=torch.float32)])
-    idx = torch.where(token_slots < 0, torch.full_like(token_slots, s), token_slots).long()
-    total = torch.zeros(token_slots.shape[0], n, dtype=torch.float32, device=y.device)
-    for j in range(token_slots.shape[1]):
-        total += ys[idx[:, j]]
-    out.copy_(total.to(out.dtype))
+    out.copy_(combine_slots(y.float(), token_slots).to(out.dtype))
     return out

@@ -24,9 +24,14 @@ each GEMM picks its own ``BLOCK_N``/``BLOCK_K``/warps/stages from its (N, K)):
   two 64x128 accumulators: an effective 64x256 wgmma tile).
 * ``BLOCK_K = 64`` for 16-bit types (128-byte rows: one swizzled shared-memory line,
   the widest wgmma/cp.async pattern), 32 for fp32 (same bytes).
-* ``num_stages``: sm_90 has 227 KB of shared memory per CTA: 4 stages of a gated
-  64x64 A tile + two 64x128 B tiles (40 KB a stage) = 160 KB, deep enough to keep
-  wgmma fed at prefill. sm_80 (163 KB, no wgmma, cp.async only) takes 3.
+* ``num_stages``: the deepest of (4 on sm_90 and newer for 16-bit types, else 3) that
+  fits the GPU's opt-in shared memory per block (:data:`SHARED_LIMITS`, a property of
+  the GPU, like the capability) by :func:`pipeline_shared_bytes`'s estimate. sm_90 has
+  227 KB: 4 stages of a gated 64x64 A tile + two 64x128 B tiles (40 KB a stage) =
+  160 KB, deep enough to keep wgmma fed at prefill. sm_80 (163 KB, no wgmma, cp.async
+  only) takes 3. Consumer GPUs have 99 KB (sm_86, sm_89, sm_120/121: RTX 30xx/40xx/50xx,
+  DGX Spark): on sm_120 the large-expert gated GEMM1 drops to 3 stages (two buffers,
+  80 KB; 4 would need 120 KB and not launch), its other GEMMs keep 4.
 * ``num_warps = 4``: one warpgroup per 64-row tile (wgmma needs a whole warpgroup per
   m64); 8 warps for the 128-wide N tiles so the epilogue's register tile halves, and
   for the activation-backward GEMM, whose epilogue holds five fp32 tiles at once (with
@@ -53,7 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 
 __all__ = ["GemmConfig", "gemm_config", "layer_block_m", "pinned_config", "autotune_enabled",
-           "autotune_configs", "capability_of"]
+           "autotune_configs", "capability_of", "SHARED_LIMITS", "shared_limit_of", "pipeline_shared_bytes"]
 
 ENV_CONFIG = "MOE_KERNELS_TRITON_CONFIG"
 ENV_AUTOTUNE = "MOE_KERNELS_AUTOTUNE"
@@ -81,6 +86,30 @@ class GemmConfig:
         if self.BLOCK_M < 16 or self.BLOCK_N < 16 or self.BLOCK_K < 16:
             raise ValueError(f"BLOCK_M, BLOCK_N, BLOCK_K: expected >= 16 (tl.dot's minimum), got "
                              f"{self.BLOCK_M}, {self.BLOCK_N}, {self.BLOCK_K}")
+
+
+# Opt-in shared memory per block in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin) by
+# arch = 10 * major + minor: 227 KB on sm_90/sm_10x, 163 KB on sm_80/sm_87, 99 KB on the
+# consumer parts (sm_86, sm_89, sm_120, sm_121).
+SHARED_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
+                 120: 101376, 121: 101376}
+_SHARED_FLOOR = 101376  # an arch missing from the table: the smallest of them
+_SHARED_SLACK = 1024  # barriers and the odd scratch buffer next to the pipeline's tiles
+
+
+def shared_limit_of(capability: tuple[int, int]) -> int:
+    """Opt-in shared memory per block of a compute capability (:data:`SHARED_LIMITS`)."""
+    return SHARED_LIMITS.get(10 * capability[0] + capability[1], _SHARED_FLOOR)
+
+
+def pipeline_shared_bytes(capability: tuple[int, int], block_m: int, block_n: int, block_k: int, esize: int,
+                          b_tiles: int, stages: int) -> int:
+    """Shared memory of the GEMM's software pipeline: one A tile and ``b_tiles`` B tiles
+    per buffer. Triton's pipeliner keeps ``stages`` buffers with wgmma / tcgen05
+    (sm_90, sm_10x) and ``stages - 1`` with mma.sync + cp.async (sm_8x, sm_12x); checked
+    against the compiled kernels by tests/test_triton_aot_gemm.py."""
+    buffers = stages if capability[0] in (9, 10) else stages - 1
+    return buffers * (block_m * block_k + b_tiles * block_n * block_k) * esize
 
 
 def capability_of(device: torch.device | str | None) -> tuple[int, int]:
@@ -141,16 +170,12 @@ def gemm_config(num_experts: int, n: int, k: int, dtype: torch.dtype, capability
         fine_grained = n <= 2048 or num_experts >= 32
         bn = 64 if (fine_grained or heavy_epilogue) else 128
         bk = 64 if wide else 32
-        if capability >= (9, 0):
-            stages = 4 if wide else 3
-        else:
-            stages = 3
+        stages = 4 if (wide and capability >= (9, 0)) else 3
         warps = 8 if (bn >= 128 or heavy_epilogue) else 4
-        # Keep shared memory under the sm_80 limit too: (A + B stages) in bytes.
-        esize = 2 if wide else 4
-        per_stage = (block_m * bk + (2 if gated_b else 1) * bn * bk) * esize
-        limit = 220 * 1024 if capability >= (9, 0) else 160 * 1024
-        while stages > 2 and per_stage * stages > limit:
+        limit = shared_limit_of(capability) - _SHARED_SLACK
+        b_tiles = 2 if gated_b else 1
+        while stages > 2 and pipeline_shared_bytes(capability, block_m, bn, bk, 2 if wide else 4, b_tiles,
+                                                   stages) > limit:
             stages -= 1
         cfg = GemmConfig(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
     pin = pinned_config()

@@ -49,10 +49,13 @@ import triton.language as tl
 
 from ..activations import Activation, apply_activation
 from .act import _act_bwd, _act_fwd
-from .combine import _fused_combine, _zero_prologue
+from ..backends.torch_backend import combine_slots
+from . import on_device
+from .combine import _fused_combine, _zero_prologue, ks_block
 from .configs import GemmConfig, autotune_configs, autotune_enabled, capability_of, gemm_config
 
-__all__ = ["ACT_CODES", "Prologue", "GemmOutputs", "grouped_gemm", "grouped_gemm_torch"]
+__all__ = ["ACT_CODES", "Prologue", "GemmOutputs", "grouped_gemm", "grouped_gemm_torch", "dot_precision",
+           "tf32_allowed"]
 
 ACT_CODES = {"none": 0, "swiglu": 1, "geglu": 2, "geglu_tanh": 3, "swiglu_oai": 4,
              "gelu": 5, "gelu_tanh": 6, "relu": 7, "silu": 8}
@@ -127,7 +130,7 @@ def _grouped_gemm_fwd_kernel(
     HAS_BIAS: tl.constexpr, STORE_C: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
     ROW_SCALE: tl.constexpr, BIAS_DOT: tl.constexpr, DW_FINAL: tl.constexpr, FUSED_COMBINE: tl.constexpr,
     PRO_COUNTERS: tl.constexpr, PRO_EMPTY_ROWS: tl.constexpr, PRO_F32: tl.constexpr,
-    KS_P2: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    KS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRO_BLOCK: tl.constexpr,
 ):
@@ -135,7 +138,7 @@ def _grouped_gemm_fwd_kernel(
     if PRO_COUNTERS or PRO_EMPTY_ROWS or PRO_F32:
         _zero_prologue(pid, tl.num_programs(0), T, KS, pro_count, pro_n, pro_f32_len, token_slots_ptr,
                        pro_counter_ptr, pro_out_ptr, pro_f32_ptr, stride_pro_om,
-                       PRO_COUNTERS, PRO_EMPTY_ROWS, PRO_F32, KS_P2, PRO_BLOCK, 16, 128)
+                       PRO_COUNTERS, PRO_EMPTY_ROWS, PRO_F32, KS_BLOCK, PRO_BLOCK, 16, 128)
 
     # Swizzled order: GROUP_M row blocks (mostly one expert) sweep the N tiles together,
     # so each weight tile comes from HBM once and from L2 for the rest of the group.
@@ -278,7 +281,7 @@ def _grouped_gemm_fwd_kernel(
                 tl.store(dw_ptr + slot64, dw, mask=row_ok)
         if FUSED_COMBINE:
             _fused_combine(c_ptr, token_slots_ptr, counter_ptr, out_ptr, token64, row_ok, cols, col_ok, offs_n,
-                           pid_n, num_pid_n, KS, stride_cm, stride_om, KS_P2, BLOCK_M, BLOCK_N)
+                           pid_n, num_pid_n, KS, stride_cm, stride_om, KS_BLOCK, BLOCK_M, BLOCK_N)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -345,9 +348,28 @@ def _buf(given, shape, dtype, device, name):
     return given
 
 
+def _tf32_allowed(matmul, backends) -> bool:
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is not None:  # torch >= 2.9: "tf32", "ieee", or "none" = the global setting
+        if prec == "none":
+            prec = getattr(backends, "fp32_precision", "none")
+        return prec == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # a mix of the legacy and new APIs: torch refuses to answer
+        return False
+
+
+def tf32_allowed() -> bool:
+    """Whether torch's fp32 matmuls may use TF32: ``torch.backends.cuda.matmul.fp32_precision``
+    where it exists (torch >= 2.9; reading the legacy ``allow_tf32`` there raises once a
+    user set the new API), else ``allow_tf32``."""
+    return _tf32_allowed(torch.backends.cuda.matmul, torch.backends)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs use TF32 only when torch would (``torch.backends.cuda.matmul.allow_tf32``)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """fp32 GEMMs use TF32 only when torch's own matmuls would (:func:`tf32_allowed`)."""
+    if dtype == torch.float32 and tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -467,14 +489,15 @@ def grouped_gemm(
         STORE_PRE=res.pre is not None and epilogue == "act", STORE_H=res.h is not None, ROW_SCALE=row_scale,
         BIAS_DOT=bias_dot is not None, DW_FINAL=dw_final, FUSED_COMBINE=combine == "fused",
         PRO_COUNTERS=pro.counters is not None, PRO_EMPTY_ROWS=pro.out is not None, PRO_F32=pro.zero_f32 is not None,
-        KS_P2=triton.next_power_of_2(max(ks, 1)), DOT_PRECISION=dot_precision(a.dtype),
+        KS_BLOCK=ks_block(ks), DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M, PRO_BLOCK=_PRO_BLOCK,
     )
-    if a.is_cuda and autotune_enabled():
-        _autotuned()[grid](*args, **meta)
-    else:
-        _grouped_gemm_fwd_kernel[grid](*args, **meta, BLOCK_K=cfg.BLOCK_K, EVEN_K=k % cfg.BLOCK_K == 0,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with on_device(a):
+        if a.is_cuda and autotune_enabled():
+            _autotuned()[grid](*args, **meta)
+        else:
+            _grouped_gemm_fwd_kernel[grid](*args, **meta, BLOCK_K=cfg.BLOCK_K, EVEN_K=k % cfg.BLOCK_K == 0,
+                                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return res
 
 
@@ -550,12 +573,6 @@ def grouped_gemm_torch(
         if dw_final:
             res.dw[vs] = wpart[vs].sum(1)
         if combine == "fused":
-            ts = plan.token_slots.long()
-            has = (ts >= 0).any(dim=1)
-            ys = torch.cat([res.c.float(), res.c.new_zeros(1, n, dtype=torch.float32)])
-            idx = torch.where(ts < 0, torch.full_like(ts, s), ts)
-            total = torch.zeros(t, n, dtype=torch.float32, device=dev)
-            for j in range(ts.shape[1]):
-                total += ys[idx[:, j]]
-            res.out[has] = total[has].to(dt)
+            has = (plan.token_slots >= 0).any(dim=1)
+            res.out[has] = combine_slots(res.c.float(), plan.token_slots)[has].to(dt)
     return res

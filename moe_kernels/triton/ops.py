@@ -39,6 +39,9 @@ Custom ops (namespace ``moe_kernels``, each with a fake implementation, so
 * ``experts_bwd``: every gradient in one op (opaque to the compiler, like the forward);
 * ``combine_slots`` / ``combine_slots_out``: the separate combine kernel.
 
+Each op launches on its inputs' GPU and that GPU's current stream, whatever the
+current device (``on_device``: Triton launches on the current one).
+
 GEMM1 and GEMM2 are not separate ops: GEMM1's prologue prepares GEMM2's fused combine
 (zeroed counters, zero rows), a contract between two launches that an op boundary would
 expose to reordering; :func:`moe_kernels.triton.gemm.grouped_gemm` is the Python-level
@@ -55,7 +58,7 @@ import torch
 from ..activations import Activation
 from ..params import ExpertParams
 from ..plan import DispatchPlan
-from . import check_device
+from . import check_device, on_device
 from .combine import combine as combine_launch
 from .combine import combine_torch
 from .configs import capability_of, gemm_config
@@ -208,8 +211,9 @@ def _experts_fwd_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: O
                     plan_meta: list[int], activation: str, alpha: float, limit: float, interleaved: bool,
                     save_pre: bool, combine: str) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan_from(plan_idx, plan_meta, slot_weight)
-    return _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, Activation(activation, alpha, limit), interleaved,
-                         save_pre, combine)
+    with on_device(x):
+        return _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, Activation(activation, alpha, limit),
+                             interleaved, save_pre, combine)
 
 
 @_experts_fwd_op.register_fake
@@ -227,8 +231,9 @@ def _experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: 
                     needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor, torch.Tensor]:
     plan = _plan_from(plan_idx, plan_meta, slot_weight)
-    return _backward_impl(dout.contiguous(), x, w13, w2, b13, b2, slot_weight, pre, plan,
-                          Activation(activation, alpha, limit), interleaved, combine, needs)
+    with on_device(x):
+        return _backward_impl(dout.contiguous(), x, w13, w2, b13, b2, slot_weight, pre, plan,
+                              Activation(activation, alpha, limit), interleaved, combine, needs)
 
 
 @_experts_bwd_op.register_fake
@@ -277,8 +282,9 @@ def _experts_fwd_out_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b1
         raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     plan = _plan_from(plan_idx, plan_meta, slot_weight)
-    _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, Activation(activation, alpha, limit), interleaved, False,
-                  combine, out=out)
+    with on_device(x):
+        _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, Activation(activation, alpha, limit), interleaved,
+                      False, combine, out=out)
 
 
 @_experts_fwd_out_op.register_fake

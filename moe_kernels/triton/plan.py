@@ -8,7 +8,8 @@ Pipeline, all inside one program that loops over its inputs in chunks:
 2. place: per chunk, a slot's rank among the chunk's slots of its expert is a cumsum
    over the one-hot tile; plus the expert's running count and its offset it gives the
    slot's sorted position (``sorted_slot``, ``slot_position``) and padded row
-   (``padded_slot``). Dropped slots (expert ``E``) follow the valid ones in slot order.
+   (``padded_slot``). Dropped slots (expert ``E``; any id outside ``[0, E)`` counts as
+   dropped) follow the valid ones in slot order.
    Chunks are visited in slot order, so the order within an expert is stable, as
    ``torch.sort(stable=True)`` in :func:`moe_kernels.plan.build_plan_torch`;
 3. blocks: each row block's expert (how many padded segments end at or before its first
@@ -42,11 +43,9 @@ import triton.language as tl
 from .._checks import check_int
 from ..plan import DispatchPlan, max_padded_rows
 from ..routing import Routing
-from . import check_device
+from . import MAX_EXPERTS, check_device, on_device
 
 __all__ = ["build_plan_triton", "MAX_EXPERTS"]
-
-MAX_EXPERTS = 1024
 
 # Allocation hook: tests replace it to pre-fill outputs with poison.
 _empty = torch.empty
@@ -102,8 +101,11 @@ def _plan_fwd_kernel(
         rank = tl.cumsum(onehot, 0) - 1
         pos = tl.sum(onehot * (rank + (offsets + placed)[None, :]), 1)
         row = tl.sum(onehot * (rank + (pstart + placed)[None, :]), 1)
-        valid = smask & (e < E)
-        dropped = (smask & (e >= E)).to(tl.int32)
+        # Only 0 <= e < E has a one-hot column: any other id (E, or a negative one that
+        # slipped past the checks on a GPU) is dropped, never placed at row 0 through
+        # its all-zero one-hot row.
+        valid = smask & (e >= 0) & (e < E)
+        dropped = (smask & ~valid).to(tl.int32)
         pos = tl.where(valid, pos, num_valid + dropped_placed + tl.cumsum(dropped, 0) - 1)
         tl.store(sorted_slot_ptr + pos, offs, mask=smask)
         tl.store(slot_position_ptr + offs, pos, mask=smask)
@@ -190,11 +192,12 @@ def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_toke
     block_expert = _empty((nb,), dtype=i32, device=dev)
     token_slots = _empty((t, k), dtype=i32, device=dev)
     cursor = torch.empty((t,), dtype=i32, device=dev) if top_k == 0 else token_slots
-    _plan_fwd_kernel[(1,)](
-        slot_expert, slot_token, counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert,
-        token_slots, cursor, s, e, t, p, nb, k, top_k,
-        BLOCK_M=block_m, TOKEN_MAJOR=top_k > 0, **_config(e, block_m),
-    )
+    with on_device(slot_expert):
+        _plan_fwd_kernel[(1,)](
+            slot_expert, slot_token, counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert,
+            token_slots, cursor, s, e, t, p, nb, k, top_k,
+            BLOCK_M=block_m, TOKEN_MAJOR=top_k > 0, **_config(e, block_m),
+        )
     return counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert, token_slots
 
 

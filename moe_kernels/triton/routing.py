@@ -16,6 +16,10 @@ plan does not read these counts (it recounts inside its own single launch), so
 
 Ids equal the pure-PyTorch routers' on exact ties; two scores within rounding error of
 each other (a few ulps: Triton's ``exp`` is not torch's) may be ranked differently.
+A row whose scores hold a NaN (NaN logits, or +inf under softmax: the public API
+rejects them where it can check, i.e. on the CPU, but a GPU run does not sync to look)
+is dropped: every one of its ids is ``E`` (never more, the :class:`Routing` invariant)
+with weight 0, it adds no counts and gets a zero gradient.
 
 Backward (``_topk_route_bwd_kernel``, one launch): the gradient reaches the logits
 through the weights only (ids carry none, the selection bias is detached). Saved for
@@ -46,11 +50,9 @@ import triton.language as tl
 from .. import routing as _ref
 from .._checks import check_finite, check_int, check_positive_float, check_tensor
 from ..routing import Routing
-from . import check_device
+from . import MAX_EXPERTS, check_device, on_device
 
 __all__ = ["fused_topk", "fused_topk_torch", "route_topk", "MAX_EXPERTS"]
-
-MAX_EXPERTS = 1024
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Allocation hook: tests replace it to pre-fill outputs with poison (every element of
@@ -139,6 +141,16 @@ def _topk_route_fwd_kernel(
         else:
             w_t = w_t / tl.sum(w_t, 1)[:, None]
     w_t = w_t * scale
+    # A row with a NaN score (a NaN logit; +inf under softmax) has no ranking: the
+    # argmax finds no column holding the (NaN-ignoring) max, or only padding columns,
+    # and would write ids >= E. Such a row is dropped instead: ids E (the Routing
+    # sentinel), weights 0, no counts. One row sum (NaN iff a score is) after the loop,
+    # the score tile's last use: a check next to the softmax spilled registers (E=256).
+    chk = tl.sum(tl.where(cmask[None, :], score, 0.0), 1)
+    bad = (chk != chk) | (tl.max(ids_t, 1) >= E)
+    ids_t = tl.where(bad[:, None], E, ids_t)
+    w_t = tl.where(bad[:, None], 0.0, w_t)
+    taken = taken & ~bad[:, None]
 
     omask = rmask[:, None] & (kcols < TOP_K)[None, :]
     optr = rows64[:, None] * TOP_K + kcols[None, :]
@@ -177,9 +189,11 @@ def _topk_route_bwd_kernel(
     for j in range(TOP_K):
         idj = tl.load(ids_ptr + rows64 * TOP_K + j, mask=rmask, other=-1)
         gj = tl.load(gw_ptr + rows64 * stride_gt + j * stride_gk, mask=rmask, other=0.0).to(tl.float32)
-        hit = cols[None, :] == idj[:, None]
+        hit = (cols[None, :] == idj[:, None]) & cmask[None, :]
         g = tl.where(hit, gj[:, None], g)
         sel = sel | hit
+    # A dropped row (the forward's NaN rows: every id is E) has constant zero weights.
+    live = tl.sum(sel.to(tl.int32), 1) > 0
 
     if SIGMOID:
         s = tl.sigmoid(x)
@@ -198,6 +212,7 @@ def _topk_route_bwd_kernel(
         denom = tl.sum(ex, 1)
         p = ex / tl.where(denom > 0, denom, 1.0)[:, None]  # 0 only in the masked rows
         dx = scale * p * (g - tl.sum(p * g, 1)[:, None])
+    dx = tl.where(live[:, None], dx, 0.0)
     tl.store(dx_ptr + rows64[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
@@ -226,7 +241,9 @@ def _launch_fwd(logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, 
         counts = torch.zeros((e,), dtype=torch.int32, device=dev)
     else:
         counts = _empty((e,), dtype=torch.int32, device=dev)
-    if t:
+    if not t:
+        return ids, w, counts.zero_(), tok
+    with on_device(logits):
         _topk_route_fwd_kernel[grid](
             logits, bias if bias is not None else logits, ids, w, tok, counts if count else ids,
             t, e, logits.stride(0), logits.stride(1), bias.stride(0) if bias is not None else 0,
@@ -236,8 +253,6 @@ def _launch_fwd(logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, 
             N_GROUP=n_group, TOPK_GROUP=topk_group, COUNT=count, ATOMIC_COUNT=atomic,
             num_warps=warps,
         )
-    elif count:
-        counts.zero_()
     return ids, w, counts, tok
 
 
@@ -246,12 +261,13 @@ def _launch_bwd(logits, ids, grad_w, sigmoid, renormalize, scale):
     block_t, block_e, warps = _blocks(e)
     dx = _empty((t, e), dtype=logits.dtype, device=logits.device)
     if t:
-        _topk_route_bwd_kernel[(triton.cdiv(t, block_t),)](
-            logits, ids, grad_w, dx, t, e, logits.stride(0), logits.stride(1),
-            grad_w.stride(0), grad_w.stride(1), float(scale),
-            TOP_K=ids.shape[1], BLOCK_T=block_t, BLOCK_E=block_e, SIGMOID=sigmoid, RENORM=renormalize,
-            num_warps=warps,
-        )
+        with on_device(logits):
+            _topk_route_bwd_kernel[(triton.cdiv(t, block_t),)](
+                logits, ids, grad_w, dx, t, e, logits.stride(0), logits.stride(1),
+                grad_w.stride(0), grad_w.stride(1), float(scale),
+                TOP_K=ids.shape[1], BLOCK_T=block_t, BLOCK_E=block_e, SIGMOID=sigmoid, RENORM=renormalize,
+                num_warps=warps,
+            )
     return dx
 
 

@@ -21,7 +21,14 @@ each program walks its expert's valid rows (``expert_counts[e]`` of them, from
 is stored once in the output dtype; an expert without rows gets zeros. The bias
 gradient rides along in the programs of the first K-tile (``bias_out=``) or runs alone
 (:func:`expert_bias_grad`, same kernel with ``HAS_W=False``). It is itself a backward
-kernel: nothing is saved. fp32 inputs use IEEE fp32 products (no TF32).
+kernel: nothing is saved.
+
+fp32 inputs follow the same precision rule as the grouped GEMMs and torch's own
+matmuls (:func:`moe_kernels.triton.gemm.dot_precision`): TF32 products when torch
+allows TF32 for fp32 matmuls, IEEE fp32 otherwise (the default). Consistent on
+purpose: the torch backend's autograd computes its weight gradients in TF32 under the
+same setting, and once the forward and input-gradient GEMMs round to TF32 an IEEE
+weight gradient (on FMA units, several times slower) buys no accuracy the layer keeps.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import triton.language as tl
 
 from .._checks import check_tensor
 from ..plan import DispatchPlan
-from . import check_device
+from . import check_device, on_device
+from .gemm import dot_precision
 
 __all__ = ["expert_weight_grad", "expert_bias_grad", "expert_weight_grad_torch", "expert_bias_grad_torch",
            "ROW_MODES"]
@@ -115,7 +123,8 @@ def _expert_wgrad_bwd_kernel(
 
 def _config(n: int, k: int, dtype: torch.dtype) -> dict:
     """Tiles keyed on (N, K, dtype): up to 64x64 fp32 accumulators over 64-row steps (16 for fp32 inputs:
-    their IEEE products run on FMA units and a deeper step spills registers)."""
+    their IEEE products run on FMA units and a deeper step spills registers; TF32 takes the
+    same tiles, so the choice does not depend on a global flag)."""
     bn = max(16, min(64, triton.next_power_of_2(n)))
     bk = max(16, min(64, triton.next_power_of_2(k)))
     br = 16 if dtype == torch.float32 else 64
@@ -158,16 +167,17 @@ def _launch(a, a_rows, b, b_rows, plan, out, scale, bias_out):
     has_w = out is not None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * (triton.cdiv(k, cfg["BLOCK_K"]) if has_w else 1), e)
     dummy = b
-    _expert_wgrad_bwd_kernel[grid](
-        a if has_w else dummy, b, scale if scale is not None else dummy, plan.padded_slot, plan.slot_token,
-        plan.padded_offsets, plan.expert_counts, out if has_w else dummy, bias_out if bias_out is not None else dummy,
-        n, k,
-        a.stride(0) if has_w else 0, a.stride(1) if has_w else 0, b.stride(0), b.stride(1),
-        *(out.stride() if has_w else (0, 0, 0)), *(bias_out.stride() if bias_out is not None else (0, 0)),
-        A_MODE=ROW_MODES[a_rows], B_MODE=ROW_MODES[b_rows], HAS_SCALE=scale is not None, HAS_W=has_w,
-        HAS_BIAS=bias_out is not None, PRECISION="ieee" if b.dtype == torch.float32 else None,
-        BLOCK_K=cfg["BLOCK_K"] if has_w else 16, **{k_: v for k_, v in cfg.items() if k_ != "BLOCK_K"},
-    )
+    with on_device(b):
+        _expert_wgrad_bwd_kernel[grid](
+            a if has_w else dummy, b, scale if scale is not None else dummy, plan.padded_slot, plan.slot_token,
+            plan.padded_offsets, plan.expert_counts, out if has_w else dummy,
+            bias_out if bias_out is not None else dummy, n, k,
+            a.stride(0) if has_w else 0, a.stride(1) if has_w else 0, b.stride(0), b.stride(1),
+            *(out.stride() if has_w else (0, 0, 0)), *(bias_out.stride() if bias_out is not None else (0, 0)),
+            A_MODE=ROW_MODES[a_rows], B_MODE=ROW_MODES[b_rows], HAS_SCALE=scale is not None, HAS_W=has_w,
+            HAS_BIAS=bias_out is not None, PRECISION=dot_precision(b.dtype) if b.dtype == torch.float32 else None,
+            BLOCK_K=cfg["BLOCK_K"] if has_w else 16, **{k_: v for k_, v in cfg.items() if k_ != "BLOCK_K"},
+        )
 
 
 def expert_weight_grad(a: torch.Tensor, a_rows: str, b: torch.Tensor, b_rows: str, plan: DispatchPlan,
