@@ -21,7 +21,7 @@ from .functional import check_inputs
 from .params import expert_params
 from .routing import ROUTERS, Routing, z_loss
 
-__all__ = ["MoE", "MoEConfig"]
+__all__ = ["MoE", "MoEConfig", "router_options"]
 
 
 @dataclass
@@ -77,6 +77,22 @@ class MoEConfig:
             if self.num_experts % self.n_group:
                 raise ValueError(f"n_group: expected a divisor of num_experts={self.num_experts}, got {self.n_group}")
             check_int("topk_group", self.topk_group, low=1, high=self.n_group)
+
+
+def router_options(config: MoEConfig, selection_bias: torch.Tensor | None = None) -> dict:
+    """The keyword options that ``config.router`` takes from ``config`` (noisy top-k's
+    noise logits come from the layer, not from here)."""
+    c = config
+    if c.router == "softmax_topk":
+        return {"top_k": c.top_k, "renormalize": c.renormalize}
+    if c.router == "grouped_sigmoid_topk":
+        return {"top_k": c.top_k, "bias": selection_bias, "n_group": c.n_group, "topk_group": c.topk_group,
+                "routed_scaling_factor": c.routed_scaling_factor, "renormalize": c.renormalize}
+    if c.router in ("switch", "expert_choice"):
+        return {"capacity_factor": c.capacity_factor}
+    if c.router == "noisy_topk":
+        return {"top_k": c.top_k}
+    return {}
 
 
 class MoE(nn.Module):
@@ -138,17 +154,8 @@ class MoE(nn.Module):
                 f"router={c.router!r}, top_k={c.top_k}, activation={c.activation!r}, backend={c.backend!r}")
 
     def router_options(self) -> dict:
-        c = self.config
-        if c.router == "softmax_topk":
-            return {"top_k": c.top_k, "renormalize": c.renormalize}
-        if c.router == "grouped_sigmoid_topk":
-            return {"top_k": c.top_k, "bias": self.selection_bias, "n_group": c.n_group, "topk_group": c.topk_group,
-                    "routed_scaling_factor": c.routed_scaling_factor, "renormalize": c.renormalize}
-        if c.router == "switch":
-            return {"capacity_factor": c.capacity_factor}
-        if c.router == "expert_choice":
-            return {"capacity_factor": c.capacity_factor}
-        return {}
+        """The keyword options of the configured router (:func:`moe_kernels.routing.route`)."""
+        return router_options(self.config, self.selection_bias)
 
     def route(self, x2d: torch.Tensor) -> Routing:
         """Router logits and routing for ``x2d`` [T, H] (training-mode noise included)."""

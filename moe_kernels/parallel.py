@@ -95,7 +95,7 @@ from .activations import Activation
 from .backends import get_backend
 from .backends.torch_backend import combine_slots, zero_link
 from .functional import check_inputs
-from .layer import MoE, MoEConfig
+from .layer import MoE, MoEConfig, router_options
 from .params import ExpertParams, expert_params
 from .parallel_comm import all_to_all, group_rank_world
 from .parallel_routing import LocalRouting, raise_if_failed, route_local
@@ -362,19 +362,6 @@ class ExpertParallelMoE(nn.Module):
             if average:
                 p.grad /= self.world_size
 
-    def _router_options(self) -> dict:
-        c = self.config
-        if c.router == "softmax_topk":
-            return {"top_k": c.top_k, "renormalize": c.renormalize}
-        if c.router == "grouped_sigmoid_topk":
-            return {"top_k": c.top_k, "bias": self.selection_bias, "n_group": c.n_group, "topk_group": c.topk_group,
-                    "routed_scaling_factor": c.routed_scaling_factor, "renormalize": c.renormalize}
-        if c.router in ("switch", "expert_choice"):
-            return {"capacity_factor": c.capacity_factor}
-        if c.router == "noisy_topk":
-            return {"top_k": c.top_k}
-        return {}
-
     def forward(self, x: torch.Tensor, *, num_global_tokens: int | None = None) -> torch.Tensor:
         """``x`` [..., H]: this rank's tokens; returns [..., H]. ``num_global_tokens``:
         the sum of every rank's token count, if known (spares Expert Choice a host
@@ -391,7 +378,7 @@ class ExpertParallelMoE(nn.Module):
             if c.router == "switch" and self.training and c.jitter_eps > 0:
                 router_in = x2d * torch.empty_like(x2d).uniform_(1.0 - c.jitter_eps, 1.0 + c.jitter_eps)
             logits = router_in @ self.router_weight.t()
-            options = self._router_options()
+            options = router_options(self.config, self.selection_bias)
             if c.router == "noisy_topk":
                 options["noise_logits"] = x2d @ self.noise_weight.t()
         except Exception as exc:  # take part with an empty batch; every rank raises at the count exchange
@@ -400,7 +387,7 @@ class ExpertParallelMoE(nn.Module):
             x2d = w.new_zeros(0, c.hidden_size)
             params = expert_params(self.w13, self.w2, self.b13, self.b2, activation=self.activation)
             logits = w.new_zeros(0, c.num_experts)
-            options = self._router_options()
+            options = router_options(self.config, self.selection_bias)
             if c.router == "noisy_topk":
                 options["noise_logits"] = w.new_zeros(0, c.num_experts)
         local = route_local(logits, c.router, options, self.group, training=self.training, z_loss=bool(c.z_loss_coef),
