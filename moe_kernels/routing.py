@@ -29,7 +29,6 @@ reference implementations do.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -431,24 +430,25 @@ ROUTERS = {
 }
 
 
+def _options_of(fn) -> tuple[frozenset, frozenset]:
+    """(all option names, required ones) of a router, after its logits argument."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return (frozenset(p.name for p in params),
+            frozenset(p.name for p in params if p.default is inspect.Parameter.empty))
+
+
+# Read once at import, so checking a call's options costs two set operations.
+_ROUTER_OPTIONS = {name: _options_of(fn) for name, fn in ROUTERS.items()}
+
+
 def route(logits: torch.Tensor, router: str = "softmax_topk", **options) -> Routing:
     """Route with the router named ``router`` (a key of :data:`ROUTERS`)."""
     if router not in ROUTERS:
         raise ValueError(f"router: expected one of {sorted(ROUTERS)}, got {router!r}")
-    fn = ROUTERS[router]
-    names, required = _router_options(fn)
+    names, required = _ROUTER_OPTIONS[router]
     if not names.issuperset(options) or not required.issubset(options):
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"{unknown[0]}: not an option of router {router!r} (its options: {sorted(names)})")
         raise ValueError(f"{sorted(required - set(options))[0]}: required by router {router!r}")
-    return fn(logits, **options)
-
-
-@functools.lru_cache(maxsize=None)
-def _router_options(fn) -> tuple[frozenset, frozenset]:
-    """(all option names, required ones) of a router, after its logits argument; cached
-    so that naming a bad option costs nothing on the hot path."""
-    params = list(inspect.signature(fn).parameters.values())[1:]
-    return (frozenset(p.name for p in params),
-            frozenset(p.name for p in params if p.default is inspect.Parameter.empty))
+    return ROUTERS[router](logits, **options)
