@@ -63,7 +63,7 @@ def check(archs: str, cuda: str, cuobjdump: str | None) -> None:
     import torch
 
     import moe_kernels
-    from moe_kernels import cuda_backend
+    from moe_kernels import cuda_backend, cuda_ops
 
     if "site-packages" not in Path(moe_kernels.__file__).parts:
         fail(f"moe_kernels imported from {moe_kernels.__file__}, not from the installed wheel")
@@ -84,7 +84,7 @@ def check(archs: str, cuda: str, cuobjdump: str | None) -> None:
         fail("ptxas reported spills")
     if not torch.cuda.is_available():
         try:
-            cuda_backend._C.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0)
+            cuda_ops._C.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0)
         except RuntimeError as exc:
             if "moe_kernels._C.permute_rows" not in str(exc):
                 fail(f"the no-GPU error does not name the op: {exc}")
