@@ -1,8 +1,9 @@
 """The fast pure-PyTorch backend: sort by expert, one matmul per expert segment.
 
 Pipeline: gather ``x`` rows into expert order (``x[slot_token[sorted_slot]]``) →
-grouped matmul with W13 (``torch._grouped_mm`` on a CUDA GPU when it supports the
-dtype, else a loop over the non-empty segments) → activation → grouped matmul with W2
+grouped matmul with W13 (``torch._grouped_mm`` where it takes the operands: fp32/bf16
+with 16-byte-aligned rows on the CPU, bf16 on sm_90+; else a loop over the non-empty
+segments, which reads the counts on the host) → activation → grouped matmul with W2
 → back to slot order → times the slot weight → per-token sum through the plan's
 ``token_slots`` table (a gather and a fixed-order sum: deterministic, no atomics).
 Backward is PyTorch autograd through these ops; it saves the gathered rows and both
@@ -49,7 +50,17 @@ def zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
-    return (a.is_cuda and hasattr(torch, "_grouped_mm") and a.dtype == torch.bfloat16
+    """Whether ``torch._grouped_mm`` takes these operands: on the CPU (fp32, bf16) it
+    needs 16-byte-aligned row strides; on CUDA we use it for bf16 on sm_90+, where it is
+    a real grouped kernel. It avoids the per-expert loop and its host sync."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if a.device.type == "cpu":
+        if a.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        size = a.element_size()
+        return (a.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0 and w.stride(-1) in (1, w.shape[-2])
+    return (a.is_cuda and a.dtype == torch.bfloat16
             and a.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
             and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
@@ -60,11 +71,16 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
     s = a.shape[0]
     e, n, _ = w.shape
     if _grouped_mm_ok(a, w):
-        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=plan.expert_offsets[1:])
         pos_expert = plan.slot_expert.long()[plan.sorted_slot.long()]
-        out = torch.where((pos_expert < e).unsqueeze(1), out, out.new_zeros(()))
+        valid = (pos_expert < e).unsqueeze(1)
+        # _grouped_mm leaves rows past the last offset (dropped slots) unwritten, in its
+        # output and in the gradient of ``a``: select them away on both sides (a select,
+        # not a multiply, so garbage or inf there never becomes NaN).
+        a = torch.where(valid, a, a.new_zeros(()))
+        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=plan.expert_offsets[1:])
+        out = torch.where(valid, out, out.new_zeros(()))
         if b is not None:
-            out = out + b[pos_expert.clamp(max=e - 1)] * (pos_expert < e).unsqueeze(1).to(b.dtype)
+            out = out + torch.where(valid, b[pos_expert.clamp(max=e - 1)], b.new_zeros(()))
         return out
     counts = plan.expert_counts.tolist()  # a host sync; the loop needs sizes
     pieces, start = [], 0
