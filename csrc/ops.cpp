@@ -51,6 +51,24 @@ int route_vpt(std::int64_t num_experts) {
 
 bool aligned16(ptr_t p) { return (p & 15u) == 0; }
 
+// The buffers every routing op writes (logits and outputs only matter when T > 0).
+void check_route_buffers(const char* op, ptr_t logits, ptr_t ids, ptr_t weights, ptr_t counts,
+                         std::int64_t num_tokens) {
+  check_ptr(op, "counts", counts);
+  if (num_tokens > 0) {
+    check_ptr(op, "logits", logits);
+    check_ptr(op, "ids", ids);
+    check_ptr(op, "weights", weights);
+  }
+}
+
+// The kernels add into counts with integer atomics, so it starts at zero (on the op's stream).
+void zero_counts(const char* op, ptr_t counts, std::int64_t num_experts, ptr_t stream) {
+  check_cuda(op, "zeroing counts",
+             cudaMemsetAsync(reinterpret_cast<void*>(counts), 0, sizeof(std::int32_t) * num_experts,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
 }  // namespace
 
 std::int64_t max_padded_rows(std::int64_t num_slots, std::int64_t num_experts, std::int64_t block_m) {
@@ -66,16 +84,9 @@ void route_softmax_topk(ptr_t logits, ptr_t ids, ptr_t weights, ptr_t counts, st
   check_range(op, "num_experts", num_experts, 1, kRouteMaxExperts);
   check_range(op, "top_k", top_k, 1, std::min<std::int64_t>(kRouteMaxTopK, num_experts));
   check_range(op, "num_tokens", num_tokens, 0, kInt32Max / top_k);
-  check_ptr(op, "counts", counts);
-  if (num_tokens > 0) {
-    check_ptr(op, "logits", logits);
-    check_ptr(op, "ids", ids);
-    check_ptr(op, "weights", weights);
-  }
+  check_route_buffers(op, logits, ids, weights, counts, num_tokens);
   DeviceGuard guard(op, device);
-  check_cuda(op, "zeroing counts",
-             cudaMemsetAsync(reinterpret_cast<void*>(counts), 0, sizeof(std::int32_t) * num_experts,
-                             reinterpret_cast<cudaStream_t>(stream)));
+  zero_counts(op, counts, num_experts, stream);
   if (num_tokens == 0) return;
   char name[96];
   std::snprintf(name, sizeof(name), "_route_softmax_topk_fwd_kernel_%s_v%d", tname, route_vpt(num_experts));
@@ -106,16 +117,9 @@ void route_grouped_sigmoid_topk(ptr_t logits, ptr_t bias, ptr_t ids, ptr_t weigh
               1, std::min<std::int64_t>(kRouteMaxTopK, topk_group * (num_experts / n_group)));
   check_range(op, "num_tokens", num_tokens, 0, kInt32Max / top_k);
   if (!(routed_scaling_factor > 0.0)) arg_error(op, "routed_scaling_factor: expected a number > 0");
-  check_ptr(op, "counts", counts);
-  if (num_tokens > 0) {
-    check_ptr(op, "logits", logits);
-    check_ptr(op, "ids", ids);
-    check_ptr(op, "weights", weights);
-  }
+  check_route_buffers(op, logits, ids, weights, counts, num_tokens);
   DeviceGuard guard(op, device);
-  check_cuda(op, "zeroing counts",
-             cudaMemsetAsync(reinterpret_cast<void*>(counts), 0, sizeof(std::int32_t) * num_experts,
-                             reinterpret_cast<cudaStream_t>(stream)));
+  zero_counts(op, counts, num_experts, stream);
   if (num_tokens == 0) return;
   char name[96];
   std::snprintf(name, sizeof(name), "_route_grouped_sigmoid_topk_fwd_kernel_%s_v%d", tname, route_vpt(num_experts));

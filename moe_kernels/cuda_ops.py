@@ -13,8 +13,9 @@ from typing import Optional, Tuple
 import torch
 
 from . import cuda_twins as twins
-from ._checks import check_finite, check_int, check_positive_float, check_tensor
+from ._checks import check_finite, check_int, check_tensor
 from .plan import max_padded_rows
+from .routing import check_grouped_options
 
 try:
     from . import _C
@@ -280,23 +281,10 @@ def route_grouped_sigmoid_topk(logits: torch.Tensor, bias: Optional[torch.Tensor
     """DeepSeek-V3 routing (see :func:`moe_kernels.cuda_twins.route_grouped_sigmoid_topk`);
     ``bias`` [E] (any float dtype, used as fp32) or None."""
     _check_logits(logits, top_k)
-    e = logits.shape[1]
-    check_int("n_group", n_group, low=1, high=e)
-    if e % n_group:
-        raise ValueError(f"n_group: expected a divisor of the number of experts {e}, got {n_group}")
-    check_int("topk_group", topk_group, low=1, high=n_group)
-    if top_k > topk_group * (e // n_group):
-        raise ValueError(f"top_k: expected <= topk_group * experts per group = {topk_group * (e // n_group)}, "
-                         f"got {top_k}")
-    check_positive_float("routed_scaling_factor", routed_scaling_factor)
+    check_grouped_options(logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
     if not isinstance(renormalize, bool):
         raise ValueError(f"renormalize: expected a bool, got {renormalize!r}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                     contiguous=False)
-        if bias.shape[0] != e:
-            raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
-        _check_same_device("logits", logits, bias=bias)
         bias = bias.detach().to(torch.float32).contiguous()
     return _route_grouped_op(logits, bias, top_k, n_group, topk_group, float(routed_scaling_factor), renormalize)
 

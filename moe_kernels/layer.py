@@ -95,6 +95,27 @@ def router_options(config: MoEConfig, selection_bias: torch.Tensor | None = None
     return {}
 
 
+def add_parameters(module: nn.Module, config: MoEConfig, activation: Activation, num_local_experts: int,
+                   *, device=None, dtype=None) -> None:
+    """Create a MoE layer's parameters on ``module``: the router (replicated: all
+    ``num_experts`` rows), noisy top-k's noise weights, grouped sigmoid's selection-bias
+    buffer, and the weights of ``num_local_experts`` experts (all of them, or one
+    rank's share under expert parallelism). Values are set by ``reset_parameters``."""
+    c = config
+    factory = {"device": device, "dtype": dtype}
+    e, el, h, i, n = c.num_experts, num_local_experts, c.hidden_size, c.intermediate_size, activation.width_factor
+    module.router_weight = nn.Parameter(torch.empty(e, h, **factory))
+    module.noise_weight = nn.Parameter(torch.zeros(e, h, **factory)) if c.router == "noisy_topk" else None
+    if c.router == "grouped_sigmoid_topk":
+        module.register_buffer("selection_bias", torch.zeros(e, device=device, dtype=torch.float32))
+    else:
+        module.selection_bias = None
+    module.w13 = nn.Parameter(torch.empty(el, n * i, h, **factory))
+    module.w2 = nn.Parameter(torch.empty(el, h, i, **factory))
+    module.b13 = nn.Parameter(torch.zeros(el, n * i, **factory)) if c.bias else None
+    module.b2 = nn.Parameter(torch.zeros(el, h, **factory)) if c.bias else None
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts layer with a fused expert computation.
 
@@ -122,19 +143,7 @@ class MoE(nn.Module):
         c = config
         act = Activation(c.activation, c.alpha, c.limit)
         self.activation = act
-        factory = {"device": device, "dtype": dtype}
-        e, h, i = c.num_experts, c.hidden_size, c.intermediate_size
-        self.router_weight = nn.Parameter(torch.empty(e, h, **factory))
-        self.noise_weight = nn.Parameter(torch.zeros(e, h, **factory)) if c.router == "noisy_topk" else None
-        if c.router == "grouped_sigmoid_topk":
-            self.register_buffer("selection_bias", torch.zeros(e, device=device, dtype=torch.float32))
-        else:
-            self.selection_bias = None
-        n = act.width_factor
-        self.w13 = nn.Parameter(torch.empty(e, n * i, h, **factory))
-        self.w2 = nn.Parameter(torch.empty(e, h, i, **factory))
-        self.b13 = nn.Parameter(torch.zeros(e, n * i, **factory)) if c.bias else None
-        self.b2 = nn.Parameter(torch.zeros(e, h, **factory)) if c.bias else None
+        add_parameters(self, c, act, c.num_experts, device=device, dtype=dtype)
         self.losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()

@@ -95,7 +95,7 @@ from .activations import Activation
 from .backends import get_backend
 from .backends.torch_backend import combine_slots, zero_link
 from .functional import check_inputs
-from .layer import MoE, MoEConfig, router_options
+from .layer import MoE, MoEConfig, add_parameters, router_options
 from .params import ExpertParams, expert_params
 from .parallel_comm import all_to_all, group_rank_world
 from .parallel_routing import LocalRouting, raise_if_failed, route_local
@@ -286,18 +286,7 @@ class ExpertParallelMoE(nn.Module):
         self.expert_start, stop = local_expert_range(c.num_experts, group)
         self.num_local_experts = stop - self.expert_start
         self.activation = act = Activation(c.activation, c.alpha, c.limit)
-        factory = {"device": device, "dtype": dtype}
-        e, el, h, i, n = c.num_experts, self.num_local_experts, c.hidden_size, c.intermediate_size, act.width_factor
-        self.router_weight = nn.Parameter(torch.empty(e, h, **factory))
-        self.noise_weight = nn.Parameter(torch.zeros(e, h, **factory)) if c.router == "noisy_topk" else None
-        if c.router == "grouped_sigmoid_topk":
-            self.register_buffer("selection_bias", torch.zeros(e, device=device, dtype=torch.float32))
-        else:
-            self.selection_bias = None
-        self.w13 = nn.Parameter(torch.empty(el, n * i, h, **factory))
-        self.w2 = nn.Parameter(torch.empty(el, h, i, **factory))
-        self.b13 = nn.Parameter(torch.zeros(el, n * i, **factory)) if c.bias else None
-        self.b2 = nn.Parameter(torch.zeros(el, h, **factory)) if c.bias else None
+        add_parameters(self, c, act, self.num_local_experts, device=device, dtype=dtype)
         self.losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor | None = None
         self.last_dispatch: dict = {}

@@ -49,6 +49,7 @@ __all__ = [
     "expert_choice",
     "dense_softmax",
     "z_loss",
+    "check_grouped_options",
     "switch_load_balancing_loss",
     "topk_load_balancing_loss",
     "cv_squared",
@@ -246,6 +247,29 @@ def topk_load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> t
     return e * torch.sum(f * probs.mean(dim=0))
 
 
+def check_grouped_options(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None, n_group: int,
+                          topk_group: int, routed_scaling_factor: float) -> None:
+    """Validate the DeepSeek-V3 router's options against ``logits`` [T, E]; shared by
+    the torch router and the Triton and CUDA routing kernels' wrappers."""
+    e = logits.shape[1]
+    check_int("top_k", top_k, low=1, high=e)
+    check_int("n_group", n_group, low=1, high=e)
+    if e % n_group:
+        raise ValueError(f"n_group: expected a divisor of the number of experts {e}, got {n_group}")
+    check_int("topk_group", topk_group, low=1, high=n_group)
+    if top_k > topk_group * (e // n_group):
+        raise ValueError(f"top_k: expected <= topk_group * experts per group = {topk_group * (e // n_group)}, got {top_k}")
+    check_positive_float("routed_scaling_factor", routed_scaling_factor)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                     contiguous=False)
+        if bias.shape[0] != e:
+            raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
+        if bias.device != logits.device:
+            raise ValueError(f"bias: expected device {logits.device}, got {bias.device}")
+        check_finite("bias", bias)
+
+
 def grouped_sigmoid_topk(
     logits: torch.Tensor,
     top_k: int,
@@ -266,25 +290,10 @@ def grouped_sigmoid_topk(
     ``w *= routed_scaling_factor``. The bias changes which experts are chosen, never
     their weights."""
     t, e = _check_logits(logits)
-    check_int("top_k", top_k, low=1, high=e)
-    check_int("n_group", n_group, low=1, high=e)
-    if e % n_group:
-        raise ValueError(f"n_group: expected a divisor of the number of experts {e}, got {n_group}")
-    check_int("topk_group", topk_group, low=1, high=n_group)
-    if top_k > topk_group * (e // n_group):
-        raise ValueError(f"top_k: expected <= topk_group * experts per group = {topk_group * (e // n_group)}, got {top_k}")
-    check_positive_float("routed_scaling_factor", routed_scaling_factor)
+    check_grouped_options(logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
     dt = _route_dtype(logits)
     scores = torch.sigmoid(logits.to(dt))
-    choice = scores
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, contiguous=False)
-        if bias.shape[0] != e:
-            raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
-        if bias.device != logits.device:
-            raise ValueError(f"bias: expected device {logits.device}, got {bias.device}")
-        check_finite("bias", bias)
-        choice = scores + bias.detach().to(dt)
+    choice = scores if bias is None else scores + bias.detach().to(dt)
     if n_group > 1:
         per = e // n_group
         group_score = choice.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)

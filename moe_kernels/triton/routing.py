@@ -49,7 +49,7 @@ import triton.language as tl
 
 from .. import routing as _ref
 from .._checks import check_finite, check_int, check_positive_float, check_tensor
-from ..routing import Routing
+from ..routing import Routing, check_grouped_options
 from . import MAX_EXPERTS, check_device, on_device
 
 __all__ = ["fused_topk", "fused_topk_torch", "route_topk", "MAX_EXPERTS"]
@@ -339,18 +339,7 @@ def _check_args(logits, top_k, scoring, renormalize, bias, n_group, topk_group, 
             raise ValueError(f"n_group: grouped selection needs scoring='sigmoid'; got n_group={n_group}, "
                              f"topk_group={topk_group} with 'softmax'")
         return
-    if e % n_group:
-        raise ValueError(f"n_group: expected a divisor of the number of experts {e}, got {n_group}")
-    check_int("topk_group", topk_group, low=1, high=n_group)
-    if top_k > topk_group * (e // n_group):
-        raise ValueError(f"top_k: expected <= topk_group * experts per group = {topk_group * (e // n_group)}, got {top_k}")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                     contiguous=False)
-        if bias.shape[0] != e:
-            raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
-        if bias.device != logits.device:
-            raise ValueError(f"bias: expected device {logits.device}, got {bias.device}")
+    check_grouped_options(logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
 
 
 def _run(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, count):
