@@ -2,7 +2,7 @@
 
 The extension is built when a CUDA toolchain is found and skipped (with a message)
 otherwise, so ``pip install .`` and ``pip install -e .`` always work;
-``moe_kernels.cuda_backend`` then says why the cuda backend is unavailable. No step
+``moe_kernels.backends.cuda.backend`` then says why the cuda backend is unavailable. No step
 asks for a GPU.
 
 Two builders, one description: ``_build_spec`` computes every input of the build

@@ -83,7 +83,7 @@ def run(args):
 
     from moe_kernels import MoEConfig
     from moe_kernels.parallel import ExpertParallelMoE
-    from moe_kernels.parallel_comm import all_to_all
+    from moe_kernels.parallel.comm import all_to_all
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cuda = torch.cuda.is_available() and args.dist_backend != "gloo"

@@ -15,7 +15,7 @@ import sys
 # Runs from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_kernels.benchmark import main  # noqa: E402
+from moe_kernels.bench.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

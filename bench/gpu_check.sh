@@ -116,11 +116,11 @@ run_step info 30 "$PY" -m moe_kernels info
 run_step tests-gpu "$(cap "${GPU_CHECK_TESTS_GPU_S:-150}" 90)" "${TESTS_GPU[@]}"
 
 L=$(cap "${GPU_CHECK_BENCH_S:-110}" 40)
-run_step bench "$L" "$PY" -m moe_kernels.benchmark "${BENCH_FWD[@]}" --budget $(( L > 60 ? L - 40 : L / 2 )) \
+run_step bench "$L" "$PY" -m moe_kernels.bench.run "${BENCH_FWD[@]}" --budget $(( L > 60 ? L - 40 : L / 2 )) \
   --no-progress --out "$OUT/bench"
 L=$(cap 60 40)
 if (( L >= 20 )); then
-  run_step bench-fwdbwd "$L" "$PY" -m moe_kernels.benchmark "${BENCH_BWD[@]}" --budget $(( L / 2 )) \
+  run_step bench-fwdbwd "$L" "$PY" -m moe_kernels.bench.run "${BENCH_BWD[@]}" --budget $(( L / 2 )) \
     --no-progress --out "$OUT/bench_fwdbwd"
 fi
 run_step tests-rest "$(cap "${GPU_CHECK_TESTS_REST_S:-120}" 15)" "${TESTS_REST[@]}"
@@ -128,4 +128,4 @@ run_step tests-rest "$(cap "${GPU_CHECK_TESTS_REST_S:-120}" 15)" "${TESTS_REST[@
 echo "gpu_check: done in $(( $(date +%s) - START ))s (device $DEVICE); logs in $OUT"
 echo
 # The summary goes last so that it is the last thing on the terminal.
-timeout 60 "$PY" -m moe_kernels.bench_gpucheck "$OUT"
+timeout 60 "$PY" -m moe_kernels.bench.gpucheck "$OUT"

@@ -1,7 +1,7 @@
 // Launchers of the extension's ops. Tensors arrive as raw device addresses (from
 // torch's data_ptr()), sizes as integers, the dtype as a code (0 fp32, 1 fp16,
 // 2 bf16) and the stream as its integer handle. The Python layer
-// (moe_kernels/cuda_backend.py) validates shapes, dtypes, devices and contiguity;
+// (moe_kernels/backends/cuda/backend.py) validates shapes, dtypes, devices and contiguity;
 // these re-check what a raw call could get wrong (ValueError) and raise RuntimeError
 // naming the op for any CUDA failure.
 #pragma once

@@ -13,8 +13,8 @@
 // offsets are 64-bit (rows * row length can pass 2^31). No backward kernels: the
 // backward of permute is unpermute with unit weights, and the backward of unpermute
 // is a gather and a row-wise dot product done with torch ops in
-// moe_kernels/cuda_backend.py; nothing is saved beyond the op's inputs.
-// Pure-PyTorch twins: moe_kernels/cuda_twins.py (permute_rows, unpermute_rows).
+// moe_kernels/backends/cuda/backend.py; nothing is saved beyond the op's inputs.
+// Pure-PyTorch twins: moe_kernels/backends/cuda/twins.py (permute_rows, unpermute_rows).
 #include "common.cuh"
 
 namespace moe {

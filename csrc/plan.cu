@@ -23,7 +23,7 @@
 //   4. non-token-major routings: insertion-sort each token's row by slot id.
 // No host synchronisation: every size is a worst-case bound known from S, E, T, K.
 // Integer-only, so there is no backward. Pure-PyTorch twin:
-// moe_kernels/cuda_twins.py build_plan.
+// moe_kernels/backends/cuda/twins.py build_plan.
 #include "common.cuh"
 
 namespace moe {

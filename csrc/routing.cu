@@ -23,8 +23,8 @@
 // renormalisation total (a row with every slot dropped gets weight 0, not 0/0).
 //
 // No backward kernel: the gradient to the logits is a small torch expression of the
-// saved weights and ids (moe_kernels/cuda_backend.py), nothing is saved here.
-// Pure-PyTorch twins: moe_kernels/cuda_twins.py (route_softmax_topk,
+// saved weights and ids (moe_kernels/backends/cuda/backend.py), nothing is saved here.
+// Pure-PyTorch twins: moe_kernels/backends/cuda/twins.py (route_softmax_topk,
 // route_grouped_sigmoid_topk).
 #include "common.cuh"
 

@@ -1,7 +1,7 @@
 // Loading the embedded device images and launching their kernels; see runtime.h.
 //
 // When the images load: lazily, at the first launch that needs one (or at
-// load_images(), exposed as moe_kernels.cuda_backend.load_kernels()). Loading is not
+// load_images(), exposed as moe_kernels.backends.cuda.backend.load_kernels()). Loading is not
 // allowed during CUDA-graph capture, so a first launch on a capturing stream raises a
 // RuntimeError that says to run one forward pass (or load_kernels()) before capturing;
 // once loaded, launches capture normally (kernels are handles of a context-independent
@@ -76,7 +76,7 @@ std::string hint(cudaError_t err) {
   if (capture_error(err)) {
     return "; a CUDA graph is being captured (or its capture was invalidated): moe_kernels loads its device "
            "images at the first call, which capture does not allow, so run one forward pass (or call "
-           "moe_kernels.cuda_backend.load_kernels()) before capturing";
+           "moe_kernels.backends.cuda.backend.load_kernels()) before capturing";
   }
   if (no_device_error(err)) return "; no usable CUDA device here (this op needs an NVIDIA GPU and its driver)";
   return "";
@@ -112,7 +112,7 @@ cudaKernel_t get_kernel(const char* op, Image image, const char* name, std::uint
     if (capturing(stream)) {
       throw std::runtime_error(std::string("moe_kernels._C.") + op + ": the device image '" + image_blob(image).name +
                                "' is not loaded yet and the stream is capturing a CUDA graph, during which loading "
-                               "is not allowed: run one forward pass (or call moe_kernels.cuda_backend."
+                               "is not allowed: run one forward pass (or call moe_kernels.backends.cuda.backend."
                                "load_kernels()) before capturing");
     }
     load_locked(op, image, loaded);

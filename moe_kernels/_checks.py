@@ -12,10 +12,11 @@ run while ``torch.compile`` traces.
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
+
+from .options import debug_checks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -34,7 +35,7 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
         return True
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return os.environ.get("MOE_KERNELS_DEBUG", "0") == "1"
+    return debug_checks()
 
 
 def check_tensor(

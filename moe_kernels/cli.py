@@ -36,7 +36,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"torch       {torch.__version__} (CUDA runtime {torch.version.cuda or 'none: CPU build'})")
     print(f"triton      {_triton_version()}")
     try:
-        from .cuda_backend import extension_info
+        from .backends.cuda.extension import extension_info
 
         ext = extension_info()
     except ImportError as exc:
@@ -65,7 +65,7 @@ CHECK_CASES = [
     ("noisy_topk", {"top_k": 2}),
     ("switch", {"capacity_factor": 1.0}),
     ("expert_choice", {"capacity_factor": 1.0}),
-    ("dense", {}),
+    ("dense_softmax", {}),
 ]
 
 
@@ -104,15 +104,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def random_params_like(params):
     """The same weights in float64, for a reference that rounds nothing."""
-    from .params import ExpertParams
+    from dataclasses import replace
 
     cast = (lambda v: None if v is None else v.double())
-    return ExpertParams(cast(params.w13), cast(params.w2), cast(params.b13), cast(params.b2),
-                        params.activation, params.interleaved)
+    return replace(params, w13=cast(params.w13), w2=cast(params.w2), b13=cast(params.b13), b2=cast(params.b2))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import run_bench
+    from .bench.run import run_bench
 
     return run_bench(args)
 
@@ -132,14 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("bench", help="time the backends against the reference (CPU by default)")
     try:
-        from .benchmark import add_bench_arguments
+        from .bench.run import add_bench_arguments
 
         add_bench_arguments(p)
     except ImportError as exc:  # the benchmark module needs nothing optional; this guards a broken install
         p.set_defaults(_bench_error=str(exc))
     p.set_defaults(func=cmd_bench)
     try:
-        from .benchmark import add_gpu_check_arguments, run_gpu_check
+        from .bench.run import add_gpu_check_arguments, run_gpu_check
 
         p = sub.add_parser("gpu-check", help="build, test and benchmark on a GPU machine in one go")
         add_gpu_check_arguments(p)

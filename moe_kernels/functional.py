@@ -13,10 +13,11 @@ import torch
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from .activations import Activation
 from .backends import get_backend
+from .options import KernelOptions
 from .params import ExpertParams, expert_params
 from .routing import Routing
 
-__all__ = ["fused_experts", "moe", "check_inputs"]
+__all__ = ["fused_experts", "moe", "check_inputs", "kernel_options"]
 
 
 def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
@@ -46,6 +47,11 @@ def fused_experts(
     transposed: bool = False,
     interleaved: bool = False,
     backend: str = "auto",
+    combine: str | None = None,
+    recompute_h: bool | None = None,
+    gemm_config: dict | None = None,
+    autotune: bool | None = None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum over slots s of t of  w[s] * Expert_{e[s]}(x[t])``.
 
@@ -56,6 +62,9 @@ def fused_experts(
             :class:`ExpertParams` as ``w13`` and leave the rest unset.
         activation: name or :class:`Activation` (``"swiglu"``, ``"swiglu_oai"``, ...).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        combine, recompute_h, gemm_config, autotune: kernel options (see
+            :mod:`moe_kernels.options`; ``None`` = the process default); ``options`` a
+            :class:`~moe_kernels.options.KernelOptions` they override field by field.
 
     Returns:
         [T, H] in ``x``'s dtype, differentiable in ``x``, the weights and
@@ -65,10 +74,20 @@ def fused_experts(
         w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
     check_inputs(x, params, routing)
     impl = get_backend(backend, x.device)
+    opts = kernel_options(options, combine=combine, recompute_h=recompute_h, gemm_config=gemm_config,
+                          autotune=autotune)
     if x.shape[0] == 0:
         return x.new_zeros(0, x.shape[1])
-    plan = impl.plan(routing, params)
-    return impl.experts(x, plan, params)
+    return impl.experts(x, impl.plan(routing, params, opts), params, opts)
+
+
+def kernel_options(options: KernelOptions | None = None, **fields) -> KernelOptions | None:
+    """``options`` with the keywords that are set (not ``None``) written over it; ``None``
+    when nothing is set (the backends then take the process defaults)."""
+    set_fields = {k: v for k, v in fields.items() if v is not None}
+    if not set_fields:
+        return options
+    return KernelOptions(**set_fields).merged_over(options or KernelOptions())
 
 
 def moe(
@@ -85,6 +104,11 @@ def moe(
     interleaved: bool = False,
     backend: str = "auto",
     return_routing: bool = False,
+    combine: str | None = None,
+    recompute_h: bool | None = None,
+    gemm_config: dict | None = None,
+    autotune: bool | None = None,
+    options: KernelOptions | None = None,
     **router_options,
 ):
     """One MoE layer from router logits: route, then :func:`fused_experts`.
@@ -92,7 +116,8 @@ def moe(
     ``router`` names a router of :mod:`moe_kernels.routing` and ``router_options`` are
     its keyword arguments (``top_k=2``, ``renormalize=False``, ``capacity_factor=1.25``,
     ``bias=...``, ``n_group=8``, ...). With ``return_routing=True`` returns
-    ``(out, routing)`` so the caller can read the aux losses in ``routing.losses``."""
+    ``(out, routing)`` so the caller can read the aux losses in ``routing.losses``. Kernel
+    options as for :func:`fused_experts`."""
     params = expert_params(w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
     check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_inputs(x, params)
@@ -101,6 +126,9 @@ def moe(
         raise ValueError(f"router_logits: expected shape ({x.shape[0]}, {params.num_experts}) "
                          f"(tokens of x, experts of w13), got {tuple(router_logits.shape)}")
     impl = get_backend(backend, x.device)
+    opts = kernel_options(options, combine=combine, recompute_h=recompute_h, gemm_config=gemm_config,
+                          autotune=autotune)
     routing = impl.route(router_logits, router, router_options)
-    out = x.new_zeros(0, x.shape[1]) if x.shape[0] == 0 else impl.experts(x, impl.plan(routing, params), params)
+    out = x.new_zeros(0, x.shape[1]) if x.shape[0] == 0 else impl.experts(x, impl.plan(routing, params, opts), params,
+                                                                          opts)
     return (out, routing) if return_routing else out

@@ -9,7 +9,7 @@ weighted by the config's coefficients, ready to add to the training loss.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,8 +18,9 @@ from ._checks import check_int, check_positive_float
 from .activations import Activation
 from .backends import BACKEND_NAMES, get_backend
 from .functional import check_inputs
+from .options import KernelOptions
 from .params import expert_params
-from .routing import ROUTERS, Routing, z_loss
+from .routing import Routing, router_jitter, router_name, weighted_aux_loss, z_loss
 
 __all__ = ["MoE", "MoEConfig", "router_options"]
 
@@ -36,7 +37,12 @@ class MoEConfig:
 
     Loss coefficients: ``aux_loss_coef`` weighs the router's balancing losses
     (``load_balancing``; ``importance`` and ``load`` for noisy top-k), ``z_loss_coef``
-    the router z-loss."""
+    the router z-loss.
+
+    Kernel options (:mod:`moe_kernels.options`; ``None`` = the process default):
+    ``combine`` (``"fused"``/``"separate"``), ``recompute_h``, ``gemm_config`` (a mapping of
+    tile fields to pin), ``autotune``. ``router="dense"`` is accepted for
+    ``"dense_softmax"`` and stored under that name."""
 
     hidden_size: int
     intermediate_size: int
@@ -56,13 +62,17 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     backend: str = "auto"
+    combine: str | None = None
+    recompute_h: bool | None = None
+    gemm_config: dict | None = None
+    autotune: bool | None = None
 
     def __post_init__(self) -> None:
         check_int("hidden_size", self.hidden_size, low=1)
         check_int("intermediate_size", self.intermediate_size, low=1)
         check_int("num_experts", self.num_experts, low=1)
-        if self.router not in ROUTERS:
-            raise ValueError(f"router: expected one of {sorted(ROUTERS)}, got {self.router!r}")
+        self.router = router_name(self.router)
+        self.kernel_options()  # validates the kernel option fields
         if self.router in ("softmax_topk", "grouped_sigmoid_topk", "noisy_topk"):
             check_int("top_k", self.top_k, low=1, high=self.num_experts)
         Activation(self.activation, self.alpha, self.limit)
@@ -77,6 +87,12 @@ class MoEConfig:
             if self.num_experts % self.n_group:
                 raise ValueError(f"n_group: expected a divisor of num_experts={self.num_experts}, got {self.n_group}")
             check_int("topk_group", self.topk_group, low=1, high=self.n_group)
+
+
+    def kernel_options(self) -> KernelOptions:
+        """The config's kernel option fields as :class:`~moe_kernels.options.KernelOptions`."""
+        return KernelOptions(combine=self.combine, recompute_h=self.recompute_h, gemm_config=self.gemm_config,
+                             autotune=self.autotune)
 
 
 def router_options(config: MoEConfig, selection_bias: torch.Tensor | None = None) -> dict:
@@ -166,14 +182,13 @@ class MoE(nn.Module):
         """The keyword options of the configured router (:func:`moe_kernels.routing.route`)."""
         return router_options(self.config, self.selection_bias)
 
-    def route(self, x2d: torch.Tensor) -> Routing:
-        """Router logits and routing for ``x2d`` [T, H] (training-mode noise included)."""
+    def route(self, x2d: torch.Tensor, backend=None) -> Routing:
+        """Router logits and routing for ``x2d`` [T, H] (training-mode noise included);
+        ``backend``: the resolved backend object (default: the config's for ``x2d``)."""
         c = self.config
-        router_in = x2d
-        if c.router == "switch" and self.training and c.jitter_eps > 0:
-            router_in = x2d * torch.empty_like(x2d).uniform_(1.0 - c.jitter_eps, 1.0 + c.jitter_eps)
+        router_in = router_jitter(x2d, c.jitter_eps, self.training) if c.router == "switch" else x2d
         logits = router_in @ self.router_weight.t()
-        backend = get_backend(c.backend, x2d.device)
+        backend = backend or get_backend(c.backend, x2d.device)
         if c.router == "noisy_topk":
             from .routing import noisy_topk
             routing = noisy_topk(logits, c.top_k, noise_logits=x2d @ self.noise_weight.t(), training=self.training)
@@ -204,16 +219,12 @@ class MoE(nn.Module):
         params = self._expert_params(dtype)
         check_inputs(x2d, params)
         backend = get_backend(c.backend, x2d.device)
-        routing = self.route(x2d)
+        routing = self.route(x2d, backend)
         if x2d.shape[0] == 0:
             out = x2d * 0  # empty, but connected to x for autograd
         else:
-            out = backend.experts(x2d, backend.plan(routing, params), params)
+            opts = c.kernel_options()
+            out = backend.experts(x2d, backend.plan(routing, params, opts), params, opts)
         self.losses = routing.losses
-        balance = sum((v for k, v in routing.losses.items() if k in ("load_balancing", "importance", "load")),
-                      start=x2d.new_zeros((), dtype=torch.float32))
-        self.aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * routing.losses.get("z_loss", 0.0)
+        self.aux_loss = weighted_aux_loss(routing.losses, c.aux_loss_coef, c.z_loss_coef, x2d)
         return out.reshape(x.shape)
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)

@@ -17,6 +17,7 @@ is their pure-PyTorch twin (``build_plan_torch``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,13 @@ import torch
 from ._checks import check_int, value_checks_enabled
 from .routing import Routing
 
-__all__ = ["DispatchPlan", "build_plan", "build_plan_torch", "max_padded_rows"]
+__all__ = ["DispatchPlan", "PLAN_INDEX_FIELDS", "build_plan", "build_plan_torch", "max_padded_rows"]
+
+# The index tensors a plan kernel computes, in the order every plan kernel returns them.
+PLAN_INDEX_FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "padded_offsets",
+                     "padded_slot", "block_expert", "token_slots")
+# What a custom op receives of a plan: the routing's index tensors, then the computed ones.
+_OP_FIELDS = ("slot_token", "slot_expert") + PLAN_INDEX_FIELDS
 
 
 def max_padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -106,6 +113,26 @@ class DispatchPlan:
     @property
     def num_blocks(self) -> int:
         return self.block_expert.shape[0]
+
+    @classmethod
+    def from_fields(cls, routing: Routing, block_m: int, fields: Sequence[torch.Tensor]) -> "DispatchPlan":
+        """The plan of ``routing`` from a plan kernel's outputs (:data:`PLAN_INDEX_FIELDS` order)."""
+        return cls(num_tokens=routing.num_tokens, num_experts=routing.num_experts, block_m=block_m,
+                   max_slots_per_token=routing.max_slots_per_token, slot_token=routing.slot_token,
+                   slot_expert=routing.slot_expert, slot_weight=routing.slot_weight, top_k=routing.top_k,
+                   **dict(zip(PLAN_INDEX_FIELDS, fields, strict=True)))
+
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The plan as custom-op arguments: its index tensors and its sizes
+        (:meth:`from_op_args` rebuilds it inside the op)."""
+        return ([getattr(self, f) for f in _OP_FIELDS],
+                [self.num_tokens, self.num_experts, self.block_m, self.max_slots_per_token, self.top_k or 0])
+
+    @classmethod
+    def from_op_args(cls, idx: Sequence[torch.Tensor], meta: Sequence[int], slot_weight: torch.Tensor) -> "DispatchPlan":
+        t, e, bm, k, top_k = meta
+        return cls(num_tokens=t, num_experts=e, block_m=bm, max_slots_per_token=k, slot_weight=slot_weight,
+                   top_k=top_k or None, **dict(zip(_OP_FIELDS, idx, strict=True)))
 
     def __post_init__(self) -> None:
         s, e, t, k = self.num_slots, self.num_experts, self.num_tokens, self.max_slots_per_token
@@ -233,13 +260,9 @@ def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
         token_slots = torch.full((t * k + 1,), -1, dtype=torch.long, device=dev).scatter_(0, cell, by_token)[:t * k]
         token_slots = token_slots.view(t, k)
 
-    return DispatchPlan(
-        num_tokens=t, num_experts=e, block_m=block_m, max_slots_per_token=k,
-        slot_token=routing.slot_token, slot_expert=routing.slot_expert, slot_weight=routing.slot_weight,
-        expert_counts=counts.to(i32), expert_offsets=offsets.to(i32), sorted_slot=perm.to(i32),
-        slot_position=position.to(i32), padded_offsets=poffs.to(i32), padded_slot=padded_slot.to(i32),
-        block_expert=block_expert.to(i32), token_slots=token_slots.to(i32).contiguous(), top_k=routing.top_k,
-    )
+    return DispatchPlan.from_fields(routing, block_m, (
+        counts.to(i32), offsets.to(i32), perm.to(i32), position.to(i32), poffs.to(i32), padded_slot.to(i32),
+        block_expert.to(i32), token_slots.to(i32).contiguous()))
 
 
 def build_plan(routing: Routing, block_m: int = 64) -> DispatchPlan:

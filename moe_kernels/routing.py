@@ -36,12 +36,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_finite, check_int, check_positive_float, check_tensor, value_checks_enabled
+from ._checks import FLOAT_DTYPES, check_finite, check_int, check_positive_float, check_tensor, value_checks_enabled
 
 __all__ = [
     "Routing",
     "ROUTERS",
+    "ROUTER_ALIASES",
+    "router_name",
     "route",
+    "weighted_aux_loss",
+    "route_dtype",
+    "topk_lowest_first",
+    "check_logits",
+    "router_jitter",
+    "BALANCE_LOSSES",
     "softmax_topk",
     "grouped_sigmoid_topk",
     "noisy_topk",
@@ -87,7 +95,7 @@ class Routing:
     def __post_init__(self) -> None:
         check_tensor("slot_token", self.slot_token, ndim=1, dtypes=(torch.int32,))
         check_tensor("slot_expert", self.slot_expert, ndim=1, dtypes=(torch.int32,))
-        check_tensor("slot_weight", self.slot_weight, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        check_tensor("slot_weight", self.slot_weight, ndim=1, dtypes=FLOAT_DTYPES)
         s = self.slot_token.shape[0]
         for name in ("slot_expert", "slot_weight"):
             t = getattr(self, name)
@@ -131,7 +139,7 @@ class Routing:
         negative (expert-parallel sentinels) become dropped slots."""
         check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), contiguous=False)
         check_tensor("topk_weights", topk_weights, ndim=2, contiguous=False,
-                     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+                     dtypes=FLOAT_DTYPES)
         if topk_weights.shape != topk_ids.shape:
             raise ValueError(f"topk_weights: expected shape {tuple(topk_ids.shape)} like topk_ids, got {tuple(topk_weights.shape)}")
         t, k = topk_ids.shape
@@ -149,11 +157,11 @@ class Routing:
 # --------------------------------------------------------------------------- helpers
 
 
-def _route_dtype(logits: torch.Tensor) -> torch.dtype:
+def route_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_lowest_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk`` along the last dim with ties broken toward the lowest index.
 
     ``torch.topk`` leaves the order of equal values unspecified (on the CPU it does not
@@ -163,8 +171,8 @@ def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals[..., :k].contiguous(), idx[..., :k].contiguous()  # contiguous like topk's: k=1 slots must flatten
 
 
-def _check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int]:
-    check_tensor(name, logits, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int]:
+    check_tensor(name, logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_finite(name, logits)
     t, e = logits.shape
     if e < 1:
@@ -191,10 +199,10 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
     Penalises large router logits, which keeps the router's softmax numerically
     stable in low precision. Returns 0 for T = 0."""
-    _check_logits(logits)
+    check_logits(logits)
     if logits.shape[0] == 0:
-        return logits.new_zeros((), dtype=_route_dtype(logits))
-    return torch.logsumexp(logits.to(_route_dtype(logits)), dim=-1).square().mean()
+        return logits.new_zeros((), dtype=route_dtype(logits))
+    return torch.logsumexp(logits.to(route_dtype(logits)), dim=-1).square().mean()
 
 
 def switch_load_balancing_loss(probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -224,10 +232,10 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     routing gives 1: ``f_i`` is the share of the ``T*k`` assignments that went to ``i``.
     HF transformers' ``load_balancing_loss_func`` divides by ``T`` only, so its value is
     ``k`` times this one; scale ``aux_loss_coef`` accordingly when porting a recipe."""
-    t, e = _check_logits(logits)
+    t, e = check_logits(logits)
     check_int("top_k", top_k, low=1, high=e)
-    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
-    w, ids = _topk(probs, top_k)
+    probs = torch.softmax(logits.to(route_dtype(logits)), dim=-1)
+    w, ids = topk_lowest_first(probs, top_k)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     losses = {"load_balancing": topk_load_balancing_loss(probs, ids)} if t else {}
@@ -261,7 +269,7 @@ def check_grouped_options(logits: torch.Tensor, top_k: int, bias: torch.Tensor |
         raise ValueError(f"top_k: expected <= topk_group * experts per group = {topk_group * (e // n_group)}, got {top_k}")
     check_positive_float("routed_scaling_factor", routed_scaling_factor)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES,
                      contiguous=False)
         if bias.shape[0] != e:
             raise ValueError(f"bias: expected shape ({e},) (one per expert), got {tuple(bias.shape)}")
@@ -289,19 +297,19 @@ def grouped_sigmoid_topk(
     never from ``c``: ``w = s / sum_j s_j`` over the chosen when ``renormalize``, then
     ``w *= routed_scaling_factor``. The bias changes which experts are chosen, never
     their weights."""
-    t, e = _check_logits(logits)
+    t, e = check_logits(logits)
     check_grouped_options(logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
-    dt = _route_dtype(logits)
+    dt = route_dtype(logits)
     scores = torch.sigmoid(logits.to(dt))
     choice = scores if bias is None else scores + bias.detach().to(dt)
     if n_group > 1:
         per = e // n_group
         group_score = choice.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
-        keep_groups = _topk(group_score, topk_group)[1]
+        keep_groups = topk_lowest_first(group_score, topk_group)[1]
         mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep_groups, True)
         mask = mask.unsqueeze(-1).expand(t, n_group, per).reshape(t, e)
         choice = choice.masked_fill(~mask, float("-inf"))
-    ids = _topk(choice, top_k)[1]
+    ids = topk_lowest_first(choice, top_k)[1]
     w = scores.gather(1, ids)
     if renormalize:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
@@ -329,9 +337,9 @@ def noisy_topk(
     smooth probability that expert ``i`` stays in the top k under fresh noise, with
     ``θ_i`` the k-th largest noisy logit of the others. Without noise the load is the
     count of tokens per expert."""
-    t, e = _check_logits(clean_logits, "clean_logits")
+    t, e = check_logits(clean_logits, "clean_logits")
     check_int("top_k", top_k, low=1, high=e)
-    dt = _route_dtype(clean_logits)
+    dt = route_dtype(clean_logits)
     clean = clean_logits.to(dt)
     use_noise = training and noise_logits is not None
     if use_noise:
@@ -348,7 +356,7 @@ def noisy_topk(
     else:
         logits = clean
     m = min(top_k + 1, e)
-    top_vals, top_ids = _topk(logits, m)
+    top_vals, top_ids = topk_lowest_first(logits, m)
     ids, kept = top_ids[:, :top_k], top_vals[:, :top_k]
     w = torch.softmax(kept, dim=-1)
     gates = torch.zeros_like(logits).scatter(1, ids, w)
@@ -381,8 +389,8 @@ def switch(logits: torch.Tensor, capacity_factor: float | None = 1.0) -> Routing
     drops nothing. Multiplicative jitter of the router input is applied by the layer
     (:class:`moe_kernels.MoE`), before the router projection. Losses:
     ``load_balancing = E * sum_i f_i * P_i`` and ``dropped_fraction`` (detached)."""
-    t, e = _check_logits(logits)
-    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
+    t, e = check_logits(logits)
+    probs = torch.softmax(logits.to(route_dtype(logits)), dim=-1)
     w, expert = probs.max(dim=-1)
     losses = {"load_balancing": switch_load_balancing_loss(probs, expert)}
     if capacity_factor is not None:
@@ -411,11 +419,11 @@ def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing
     ceil(capacity_factor * T / E)`` capped at ``T``; the slot weight is ``p[t, e]``.
     Slots are expert-major, ``s = e*C + c``: exactly ``C`` per expert, and a token
     gets anywhere from 0 to ``E`` experts. No balancing loss is needed."""
-    t, e = _check_logits(logits)
+    t, e = check_logits(logits)
     check_positive_float("capacity_factor", capacity_factor)
     cap = expert_choice_capacity(t, e, capacity_factor)
-    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
-    w, token = _topk(probs.t(), cap)  # [E, C]
+    probs = torch.softmax(logits.to(route_dtype(logits)), dim=-1)
+    w, token = topk_lowest_first(probs.t(), cap)  # [E, C]
     expert = torch.arange(e, device=logits.device, dtype=torch.int32).repeat_interleave(cap)
     return Routing(token.reshape(-1).to(torch.int32), expert, w.reshape(-1), t, e, e, top_k=None, losses={})
 
@@ -423,20 +431,45 @@ def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing
 def dense_softmax(logits: torch.Tensor) -> Routing:
     """The dense softmax mixture (Jacobs, Jordan, Nowlan, Hinton 1991): every token
     goes to every expert, ``w[t, e] = softmax(logits[t])[e]``; ``S = T*E``."""
-    t, e = _check_logits(logits)
-    probs = torch.softmax(logits.to(_route_dtype(logits)), dim=-1)
+    t, e = check_logits(logits)
+    probs = torch.softmax(logits.to(route_dtype(logits)), dim=-1)
     ids = torch.arange(e, device=logits.device, dtype=torch.int32).repeat(t, 1)  # not expand: E=1 gives a stride-0 view
     return _token_major(ids, probs, e, {})
 
 
-ROUTERS = {
-    "softmax_topk": softmax_topk,
-    "grouped_sigmoid_topk": grouped_sigmoid_topk,
-    "noisy_topk": noisy_topk,
-    "switch": switch,
-    "expert_choice": expert_choice,
-    "dense": dense_softmax,
-}
+ROUTERS = {fn.__name__: fn for fn in (softmax_topk, grouped_sigmoid_topk, noisy_topk, switch, expert_choice,
+                                      dense_softmax)}
+# Other accepted spellings of router names (the key a config or a call may use).
+ROUTER_ALIASES = {"dense": "dense_softmax"}
+
+
+def router_name(router: str) -> str:
+    """The canonical name (a key of :data:`ROUTERS`) of ``router`` or of its alias;
+    ``ValueError`` naming the choices otherwise."""
+    name = ROUTER_ALIASES.get(router, router) if isinstance(router, str) else router
+    if name not in ROUTERS:
+        raise ValueError(f"router: expected one of {sorted(ROUTERS)} (or an alias in {sorted(ROUTER_ALIASES)}), "
+                         f"got {router!r}")
+    return name
+
+
+BALANCE_LOSSES = ("load_balancing", "importance", "load")
+
+
+def weighted_aux_loss(losses: dict, aux_loss_coef: float, z_loss_coef: float, like: torch.Tensor) -> torch.Tensor:
+    """``aux_loss_coef * (sum of the balancing losses) + z_loss_coef * z_loss``: the one
+    number a layer adds to the training loss (fp32 0-d tensor on ``like``'s device)."""
+    balance = sum((v for k, v in losses.items() if k in BALANCE_LOSSES),
+                  start=like.new_zeros((), dtype=torch.float32))
+    return aux_loss_coef * balance + z_loss_coef * losses.get("z_loss", 0.0)
+
+
+def router_jitter(x: torch.Tensor, eps: float, training: bool) -> torch.Tensor:
+    """Switch's multiplicative jitter of the router input: ``x * U(1-eps, 1+eps)`` while
+    training with ``eps > 0``, else ``x`` itself."""
+    if not training or eps <= 0:
+        return x
+    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
 
 
 def _options_of(fn) -> tuple[frozenset, frozenset]:
@@ -451,9 +484,8 @@ _ROUTER_OPTIONS = {name: _options_of(fn) for name, fn in ROUTERS.items()}
 
 
 def route(logits: torch.Tensor, router: str = "softmax_topk", **options) -> Routing:
-    """Route with the router named ``router`` (a key of :data:`ROUTERS`)."""
-    if router not in ROUTERS:
-        raise ValueError(f"router: expected one of {sorted(ROUTERS)}, got {router!r}")
+    """Route with the router named ``router`` (a key of :data:`ROUTERS`, or ``"dense"``)."""
+    router = router_name(router)
     names, required = _ROUTER_OPTIONS[router]
     if not names.issuperset(options) or not required.issubset(options):
         unknown = sorted(set(options) - names)

@@ -12,8 +12,8 @@ import subprocess
 import pytest
 import torch
 
-from moe_kernels.bench_gpucheck import parse_pytest_log, summarize
-from moe_kernels.bench_providers import (
+from moe_kernels.bench.gpucheck import parse_pytest_log, summarize
+from moe_kernels.bench.providers import (
     PROVIDERS,
     build_calls,
     grouped_mm_pipeline,
@@ -22,8 +22,8 @@ from moe_kernels.bench_providers import (
     parse_providers,
     rotation_copies,
 )
-from moe_kernels.bench_report import COLUMNS, CsvWriter, format_seconds, format_table, read_csv
-from moe_kernels.bench_roofline import (
+from moe_kernels.bench.report import COLUMNS, CsvWriter, format_seconds, format_table, read_csv
+from moe_kernels.bench.roofline import (
     SHAPES,
     ModelShape,
     Roofline,
@@ -35,8 +35,8 @@ from moe_kernels.bench_roofline import (
     parse_shapes,
     scaled_shape,
 )
-from moe_kernels.bench_timing import time_calls
-from moe_kernels.benchmark import main as bench_main
+from moe_kernels.bench.timing import time_calls
+from moe_kernels.bench.run import main as bench_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None

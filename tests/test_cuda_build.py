@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "csrc" / "tools"))
 import device_compile  # noqa: E402
 
-from moe_kernels import cuda_backend as cb  # noqa: E402
-from moe_kernels import cuda_ops as cops  # noqa: E402
+from moe_kernels.backends import cuda as cb  # noqa: E402
+from moe_kernels.backends.cuda import extension as cops  # noqa: E402
 
 
 def _nvcc_present() -> bool:

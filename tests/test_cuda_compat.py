@@ -1,4 +1,4 @@
-"""Whether the cuda backend can run on a GPU: moe_kernels.cuda_backend.compatibility_reason
+"""Whether the cuda backend can run on a GPU: moe_kernels.backends.cuda.extension.compatibility_reason
 (a pure function of the GPU's compute capability, the build's archs / PTX / CUDA version
 and the driver's version) and CudaBackend.unavailable, which feeds it. CPU only: fake
 capabilities, builds and drivers.
@@ -7,8 +7,8 @@ capabilities, builds and drivers.
 import pytest
 import torch
 
-from moe_kernels import cuda_backend as cb
-from moe_kernels import cuda_ops as cops
+from moe_kernels.backends import cuda as cb
+from moe_kernels.backends.cuda import extension as cops
 
 # The default CUDA 13 build: sm_80, sm_90a, sm_100a machine code, compute_100 PTX.
 DEFAULT = {"cuda_version": "13.0", "archs": ["80", "90a", "100a"], "ptx": ["100"]}

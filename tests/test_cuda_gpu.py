@@ -17,9 +17,9 @@ import os
 import pytest
 import torch
 
-from moe_kernels import cuda_backend as cb
-from moe_kernels import cuda_ops as cops
-from moe_kernels import cuda_twins as tw
+from moe_kernels.backends import cuda as cb
+from moe_kernels.backends.cuda import extension as cops
+from moe_kernels.backends.cuda import twins as tw
 from moe_kernels import expert_params, moe, moe_reference
 from moe_kernels.plan import DispatchPlan, build_plan_torch, max_padded_rows
 from moe_kernels.routing import Routing, expert_choice, softmax_topk, switch
@@ -445,8 +445,8 @@ def test_cuda_graph_capture_and_replay():
 
 _CAPTURE_SCRIPT = """
 import sys, torch
-from moe_kernels import cuda_backend as cb
-from moe_kernels import cuda_ops as cops
+from moe_kernels.backends import cuda as cb
+from moe_kernels.backends.cuda import extension as cops
 logits = torch.randn(64, 32, device="cuda")
 x = torch.randn(64, 128, device="cuda")
 assert not cops._C.images_loaded()

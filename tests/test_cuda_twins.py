@@ -1,5 +1,5 @@
-"""The pure-PyTorch twins of the CUDA kernels (moe_kernels.cuda_twins) and the custom
-ops around them (moe_kernels.cuda_backend), on the CPU, where each op's kernel is
+"""The pure-PyTorch twins of the CUDA kernels (moe_kernels.backends.cuda.twins) and the custom
+ops around them (moe_kernels.backends.cuda), on the CPU, where each op's kernel is
 its twin.
 
 Twins are checked against the core (moe_kernels.routing, build_plan_torch), against
@@ -13,9 +13,11 @@ import math
 import pytest
 import torch
 
-from moe_kernels import cuda_backend as cb
-from moe_kernels import cuda_ops as cops
-from moe_kernels import cuda_twins as tw
+from moe_kernels.primitives import fused_topk_args
+
+from moe_kernels.backends import cuda as cb
+from moe_kernels.backends.cuda import extension as cops
+from moe_kernels.backends.cuda import twins as tw
 from moe_kernels import expert_params, moe_reference
 from moe_kernels.plan import DispatchPlan, build_plan_torch
 from moe_kernels.routing import Routing, expert_choice, grouped_sigmoid_topk, softmax_topk, switch
@@ -430,7 +432,7 @@ def test_route_fused_takes_non_contiguous_logits_and_reports_the_loss(dtype):
     assert not logits.is_contiguous()
     with pytest.raises(ValueError, match="logits"):
         cb.route_softmax_topk(logits, 3, True)
-    got = cb.route_fused(logits, "softmax_topk", {"top_k": 3, "renormalize": False})
+    got = cb.route_fused(logits, fused_topk_args("softmax_topk", {"top_k": 3, "renormalize": False}))
     ref = softmax_topk(logits.contiguous(), 3, False)
     assert torch.equal(got.slot_expert, ref.slot_expert) and torch.equal(got.slot_token, ref.slot_token)
     torch.testing.assert_close(got.slot_weight, ref.slot_weight, rtol=1e-6, atol=1e-7)
@@ -443,12 +445,15 @@ def test_route_fused_takes_non_contiguous_logits_and_reports_the_loss(dtype):
 
     bias = torch.randn(13)
     opts = {"top_k": 4, "bias": bias, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0}
-    got = cb.route_fused(logits, "grouped_sigmoid_topk", opts)
+    got = cb.route_fused(logits, fused_topk_args("grouped_sigmoid_topk", opts))
     ref = grouped_sigmoid_topk(logits.contiguous(), 4, bias, 1, 1, 2.0)
     assert torch.equal(got.slot_expert, ref.slot_expert) and got.losses == ref.losses == {}
+    # An option the fused kernels do not take: no fused arguments, and the backend's
+    # route (the torch router) names it.
+    assert fused_topk_args("softmax_topk", {"top_k": 2, "jitter": 0.1}) is None
     with pytest.raises(ValueError, match="jitter"):
-        cb.route_fused(logits, "softmax_topk", {"top_k": 2, "jitter": 0.1})
-    empty = cb.route_fused(torch.randn(0, 13), "softmax_topk", {"top_k": 2})  # edge: T = 0, as the torch router
+        cb.CudaBackend().route(logits, "softmax_topk", {"top_k": 2, "jitter": 0.1})
+    empty = cb.route_fused(torch.randn(0, 13), fused_topk_args("softmax_topk", {"top_k": 2}))  # edge: T = 0, as the torch router
     assert empty.num_slots == 0 and empty.losses == softmax_topk(torch.randn(0, 13), 2).losses == {}
 
 

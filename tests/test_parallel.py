@@ -238,7 +238,7 @@ def _timed(fn):
 def _failure_suite(rank, world, outdir):
     """Bad input on one rank must raise on every rank (and leave the group usable); a rank
     that dies inside the experts must make the others raise within the group timeout."""
-    from moe_kernels.backends.torch_backend import TorchBackend
+    from moe_kernels.backends.torch import TorchBackend
     from moe_kernels.parallel import ExpertParallelMoE
 
     res = {}
@@ -280,7 +280,7 @@ def _device_suite(rank, world, outdir):
     expert backend runs with sync checks off: its own syncs are not counted."""
     import warnings
 
-    from moe_kernels.backends.torch_backend import TorchBackend
+    from moe_kernels.backends.torch import TorchBackend
     from moe_kernels.parallel import ExpertParallelMoE
 
     cuda = torch.cuda.is_available()

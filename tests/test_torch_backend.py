@@ -12,7 +12,8 @@ import torch
 
 from moe_kernels import Activation, expert_params, fused_experts, moe, moe_reference, route
 from moe_kernels.activations import apply_activation
-from moe_kernels.backends.torch_backend import combine_slots, experts_torch
+from moe_kernels.primitives import combine_slots
+from moe_kernels.backends.torch.experts import experts_torch
 from moe_kernels.plan import build_plan_torch
 from moe_kernels.routing import Routing
 from moe_kernels.testing import TOLERANCES, assert_close

@@ -41,12 +41,12 @@ import_or_skip()
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels.params import expert_params  # noqa: E402
-from moe_kernels.triton import configs, ops  # noqa: E402
-from moe_kernels.triton.configs import GemmConfig  # noqa: E402
+from moe_kernels.backends.triton import configs, experts as ops  # noqa: E402
+from moe_kernels.backends.triton.configs import GemmConfig  # noqa: E402
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
        torch.int64: "i64"}
-_OURS = ("_grouped_gemm_fwd_kernel", "_combine_fwd_kernel")
+_OURS = ("_grouped_gemm_kernel", "_combine_fwd_kernel")
 
 
 def _specialize(v):
@@ -152,9 +152,9 @@ def _compile(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe_kernels.triton import combine, gemm
-    from moe_kernels.triton.aot import _resource_usage, shared_limit
-    kern = getattr(gemm if name == "_grouped_gemm_fwd_kernel" else combine, name)
+    from moe_kernels.backends.triton import combine, gemm
+    from aot import _resource_usage, shared_limit
+    kern = getattr(gemm if name == "_grouped_gemm_kernel" else combine, name)
     names = list(kern.arg_names)
     sig, consts, attrs = {}, {}, {}
     for idx, n in enumerate(names):
@@ -176,7 +176,7 @@ def _compile(job):
     muls = collections.Counter(re.findall(r"arith\.muli [^:]*: (\S+)", k.asm.get("ttir", "")))
     return {"label": label, "arch": arch, "dtype": dtype, "shared": int(k.metadata.shared),
             "limit": shared_limit(arch), "wgmma": "wgmma" in k.asm["ptx"], "local": local, "regs": regs,
-            "gemm": name == "_grouped_gemm_fwd_kernel", "muls": dict(muls)}
+            "gemm": name == "_grouped_gemm_kernel", "muls": dict(muls)}
 
 
 def _worker_main(jobs_path: str, out_path: str) -> None:
@@ -231,15 +231,15 @@ def _batches() -> dict:
             out["all"] += [((*v, arch, dt), None) for arch in (90, 80) for dt in ("bf16", "fp16")]
         for arch, cap in LARGE_ARCHS.items():
             for v in _variants(mp, {"large": {}}, cap, _mixtral_config).values():
-                if v[1] == "_grouped_gemm_fwd_kernel":
+                if v[1] == "_grouped_gemm_kernel":
                     out["large"].append(((*v, arch, "bf16"), cap))
         ec = {"ec256": {"router": "expert_choice", "e": 256, "h": 64, "i": 32}}
         for v in _variants(mp, ec).values():
-            if v[1] == "_grouped_gemm_fwd_kernel":
+            if v[1] == "_grouped_gemm_kernel":
                 out["ks256"].append(((*v, 90, "bf16"), None))
         rows = {"concat": {}, "interleaved": {"act": "swiglu_oai", "interleaved": True, "transposed": True}}
         for v in _variants(mp, rows, (9, 0), lambda *a, **k: ROW_CFG).values():
-            if v[1] == "_grouped_gemm_fwd_kernel":
+            if v[1] == "_grouped_gemm_kernel":
                 out["rows64"].append(((*v, 80, "fp16"), None))
     return out
 

@@ -13,10 +13,10 @@ from triton_interp import import_or_skip
 
 import_or_skip()
 
-from moe_kernels.triton import plan as TP  # noqa: E402
-from moe_kernels.triton import routing as TR  # noqa: E402
-from moe_kernels.triton import wgrad as TW  # noqa: E402
-from moe_kernels.triton.aot import compile_for, compile_many, shared_limit  # noqa: E402
+from moe_kernels.backends.triton import plan as TP  # noqa: E402
+from moe_kernels.backends.triton import routing as TR  # noqa: E402
+from moe_kernels.backends.triton import wgrad as TW  # noqa: E402
+from aot import compile_for, compile_many, shared_limit  # noqa: E402
 
 ARCHS = (90, 80)
 FLOATS = ("fp32", "fp16", "bf16")

@@ -21,8 +21,8 @@ from moe_kernels.backends import get_backend  # noqa: E402
 from moe_kernels.params import expert_params  # noqa: E402
 from moe_kernels.plan import build_plan_torch  # noqa: E402
 from moe_kernels.reference import moe_reference  # noqa: E402
-from moe_kernels.triton import ops  # noqa: E402
-from moe_kernels.triton.backend import TritonBackend  # noqa: E402
+from moe_kernels.backends.triton import experts as ops  # noqa: E402
+from moe_kernels.backends.triton.backend import TritonBackend  # noqa: E402
 
 
 def _reference(x, routing, w13, w2, b13, b2, act, transposed, interleaved):
@@ -123,7 +123,7 @@ def _launch_log(monkeypatch, fn):
     from torch.profiler import ProfilerActivity, profile, record_function
     from triton.runtime.jit import JITFunction
 
-    from moe_kernels.triton import backend as tbackend
+    from moe_kernels import primitives as tbackend  # the fused routers' loss glue
 
     launches = []
     for cls in (interp.InterpretedFunction, JITFunction):
@@ -197,7 +197,7 @@ def test_forward_is_four_launches_for_topk_routers(monkeypatch, router, opts):
         launches, compute, loss_ops = _launch_log(monkeypatch, run)
     assert compute == set(), f"torch ops that would launch GPU kernels: {sorted(compute)}"
     assert len(launches) == 4, launches
-    assert launches.count("_grouped_gemm_fwd_kernel") == 2
+    assert launches.count("_grouped_gemm_kernel") == 2
     assert loss_ops <= _LOSS_OPS, f"the loss runs unexpected ops: {sorted(loss_ops - _LOSS_OPS)}"
     assert bool(loss_ops) == (router == "softmax_topk")
 
@@ -206,7 +206,7 @@ def test_separate_combine_is_five_launches(monkeypatch):
     t, h, i, e = 7, 32, 32, 4
     x, logits = torch.randn(t, h, device=DEVICE), torch.randn(t, e, device=DEVICE)
     w13, w2, _, _ = make_weights(e, h, i, "swiglu", torch.float32, bias=False)
-    monkeypatch.setenv(ops.ENV_COMBINE, "separate")
+    monkeypatch.setenv(mk.options.ENV_COMBINE, "separate")
     with torch.no_grad():
         launches, compute, _ = _launch_log(monkeypatch, lambda: mk.moe(x, logits, w13, w2, top_k=2, backend="triton"))
     assert compute == set() and len(launches) == 5 and "_combine_fwd_kernel" in launches
@@ -252,7 +252,10 @@ def test_bad_input_value_errors():
     with pytest.raises(ValueError, match="x: the triton backend computes in float16, bfloat16 or float32"):
         mk.fused_experts(torch.randn(t, h, dtype=torch.float64, device=DEVICE), routing, w13, w2, backend="triton")
     with pytest.raises(ValueError, match="combine"):
-        ops.combine_mode("atomic")
+        mk.KernelOptions(combine="atomic")
+    x = torch.randn(t, h, device=DEVICE)
+    with pytest.raises(ValueError, match="combine: expected one of"):
+        mk.fused_experts(x, routing, w13.float(), w2.float(), backend="triton", combine="atomic")
 
 
 def test_every_slot_dropped_gives_zeros_and_zero_gradients():
@@ -281,8 +284,8 @@ def test_noisy_and_switch_route_through_torch_routers():
 
 def test_poisoned_plan_and_routing_buffers(monkeypatch):
     """With every allocation of routing, plan and experts poisoned, the output is exact."""
-    from moe_kernels.triton import plan as tplan
-    from moe_kernels.triton import routing as trouting
+    from moe_kernels.backends.triton import plan as tplan
+    from moe_kernels.backends.triton import routing as trouting
     for mod in (ops, tplan, trouting):
         poison_empty(monkeypatch, mod)
     t, h, i, e = 19, 64, 64, 5
@@ -301,7 +304,7 @@ def test_on_device_context():
     without touching a GPU), a no-op on the CPU."""
     import contextlib
 
-    from moe_kernels.triton import on_device
+    from moe_kernels.backends.triton import on_device
     ctx = on_device(torch.device("cuda", 1))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     assert isinstance(on_device("cuda:3"), torch.cuda.device) and on_device("cuda:3").idx == 3
@@ -315,8 +318,8 @@ def test_every_launch_runs_inside_the_device_context(monkeypatch):
     import triton.runtime.interpreter as interp
     from triton.runtime.jit import JITFunction
 
-    import moe_kernels.triton as tpkg
-    from moe_kernels.triton import combine, gemm, plan, routing, wgrad
+    import moe_kernels.backends.triton as tpkg
+    from moe_kernels.backends.triton import combine, gemm, plan, routing, wgrad
     depth, entered, outside = [0], [], []
     real_ctx = tpkg.on_device
 
@@ -335,7 +338,7 @@ def test_every_launch_runs_inside_the_device_context(monkeypatch):
             return self.inner.__exit__(*exc)
 
     for mod in (ops, routing, plan, wgrad, combine, gemm):
-        assert mod.on_device is real_ctx, f"{mod.__name__} must launch through moe_kernels.triton.on_device"
+        assert mod.on_device is real_ctx, f"{mod.__name__} must launch through moe_kernels.backends.triton.on_device"
         monkeypatch.setattr(mod, "on_device", Tracked)
     launches = []
     for cls in (interp.InterpretedFunction, JITFunction):
@@ -353,22 +356,22 @@ def test_every_launch_runs_inside_the_device_context(monkeypatch):
     logits = torch.randn(t, e, device=DEVICE, requires_grad=True)
     w13, w2, b13, b2 = (v.requires_grad_(True) for v in make_weights(e, h, i, "swiglu", torch.float32, bias=True))
     for comb in ("fused", "separate"):
-        monkeypatch.setenv(ops.ENV_COMBINE, comb)
+        monkeypatch.setenv(mk.options.ENV_COMBINE, comb)
         out = mk.moe(x, logits, w13, w2, b13, b2, top_k=2, backend="triton")
         out.square().sum().backward()
     assert not outside, f"launched outside on_device: {outside}"
-    assert {"_topk_route_fwd_kernel", "_topk_route_bwd_kernel", "_plan_fwd_kernel", "_grouped_gemm_fwd_kernel",
+    assert {"_topk_route_fwd_kernel", "_topk_route_bwd_kernel", "_plan_fwd_kernel", "_grouped_gemm_kernel",
             "_expert_wgrad_bwd_kernel", "_combine_fwd_kernel"} <= set(launches)
     assert entered and all(d == x.device for d in entered)
 
 
 @pytest.mark.parametrize("value,want", [("1", True), ("true", True), ("0", False), ("", False)])
 def test_one_reading_of_triton_interpret(monkeypatch, value, want):
-    """TRITON_INTERPRET has one parser (moe_kernels.triton.interpreting), which the
+    """TRITON_INTERPRET has one parser (moe_kernels.backends.triton.interpreting), which the
     backend's availability and the tests' helper both use."""
     import triton_interp
 
-    from moe_kernels import triton as tpkg
+    from moe_kernels.backends import triton as tpkg
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert tpkg.interpreting() is want and triton_interp.interpreting() is want
     assert (TritonBackend().unavailable(torch.device("cpu")) is None) is want

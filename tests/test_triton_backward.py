@@ -18,7 +18,7 @@ from test_triton_gemm import assert_close, fast_interpreter, make_routing, make_
 import moe_kernels as mk  # noqa: E402
 from moe_kernels.params import expert_params  # noqa: E402
 from moe_kernels.reference import moe_reference  # noqa: E402
-from moe_kernels.triton import ops, wgrad  # noqa: E402
+from moe_kernels.backends.triton import experts as ops, wgrad  # noqa: E402
 
 _NAMES = ("x", "logits", "w13", "w2", "b13", "b2")
 

@@ -102,7 +102,7 @@ def test_training_step_compiled_with_inductor_matches_eager():
 
 def _op_args(dtype=torch.float32, requires_grad=False):
     from moe_kernels.params import expert_params
-    from moe_kernels.triton import ops
+    from moe_kernels.backends.triton import experts as ops
 
     torch.manual_seed(0)
     t, h, i, e = 9, 32, 32, 4
@@ -129,15 +129,14 @@ def test_opcheck_experts_forward_and_backward_ops():
                                       "test_aot_dispatch_dynamic"))
 
 
-def test_opcheck_out_and_combine_ops():
+def test_opcheck_out_op():
     args, plan = _op_args()
     out = torch.empty(args[0].shape, device=DEVICE)
     torch.library.opcheck(torch.ops.moe_kernels.experts_fwd_out.default, (*args, "fused", out),
                           test_utils=("test_schema", "test_faketensor"))
-    y = torch.randn(plan.num_slots, 40, device=DEVICE)
-    torch.library.opcheck(torch.ops.moe_kernels.combine_slots.default, (y, plan.token_slots))
-    torch.library.opcheck(torch.ops.moe_kernels.combine_slots_out.default,
-                          (y, plan.token_slots, torch.empty(plan.num_tokens, 40, device=DEVICE)),
+    # The trailing kernel options (a GEMM pin, autotune) are part of the schema too.
+    torch.library.opcheck(torch.ops.moe_kernels.experts_fwd_out.default,
+                          (*args, "separate", out, [0, 32, 0, 0, 0, 0], False),
                           test_utils=("test_schema", "test_faketensor"))
 
 

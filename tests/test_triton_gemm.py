@@ -21,10 +21,12 @@ import_or_skip()
 from moe_kernels.activations import ACTIVATIONS, Activation  # noqa: E402
 from moe_kernels.plan import build_plan_torch  # noqa: E402
 from moe_kernels.routing import Routing, dense_softmax, expert_choice, route, switch  # noqa: E402
-from moe_kernels.triton import configs  # noqa: E402
-from moe_kernels.triton.combine import combine, combine_torch  # noqa: E402
-from moe_kernels.triton.configs import GemmConfig, gemm_config, layer_block_m  # noqa: E402
-from moe_kernels.triton.gemm import Prologue, grouped_gemm, grouped_gemm_torch  # noqa: E402
+import moe_kernels as mk  # noqa: E402
+from moe_kernels import options  # noqa: E402
+from moe_kernels.backends.triton import configs  # noqa: E402
+from moe_kernels.backends.triton.combine import combine, combine_torch  # noqa: E402
+from moe_kernels.backends.triton.configs import GemmConfig, gemm_config, layer_block_m  # noqa: E402
+from moe_kernels.backends.triton.gemm import Prologue, grouped_gemm, grouped_gemm_torch  # noqa: E402
 
 NAN = float("nan")
 
@@ -359,7 +361,7 @@ def test_bad_arguments_raise_value_errors():
 
 
 def test_config_heuristic_is_token_count_free_and_documented(monkeypatch):
-    monkeypatch.delenv(configs.ENV_CONFIG, raising=False)
+    monkeypatch.delenv(options.ENV_CONFIG, raising=False)
     import inspect
     for fn in (gemm_config, layer_block_m):
         params = set(inspect.signature(fn).parameters)
@@ -370,7 +372,7 @@ def test_config_heuristic_is_token_count_free_and_documented(monkeypatch):
     assert qwen.BLOCK_N == 64 and mixtral.BLOCK_N == 128
     assert mixtral.num_stages == 4 and gemm_config(8, 14336, 4096, torch.bfloat16, (8, 0), 64).num_stages == 3
     assert gemm_config(8, 14336, 4096, torch.bfloat16, h100, 64, heavy_epilogue=True).BLOCK_N == 64
-    assert layer_block_m(8, 4096, 14336, torch.bfloat16, h100) == 64
+    assert layer_block_m(h100) == 64
     # Shared memory: the estimate fits every GPU's limit (consumer parts: 99 KB), for the
     # fine-grained and the large-expert gated GEMM1 (the AOT test checks the estimate).
     for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (12, 1)):
@@ -388,33 +390,56 @@ def test_config_heuristic_is_token_count_free_and_documented(monkeypatch):
 
 
 def test_config_env_pin(monkeypatch):
-    monkeypatch.setenv(configs.ENV_CONFIG, "BLOCK_M=32, BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3")
-    assert layer_block_m(8, 64, 64, torch.float16, (9, 0)) == 32
-    c = gemm_config(8, 64, 64, torch.float16, (9, 0), 32)
+    """The environment supplies the default pin (read in moe_kernels.options only)."""
+    monkeypatch.setenv(options.ENV_CONFIG, "BLOCK_M=32, BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3")
+    pin = options.resolve().gemm_pin
+    assert layer_block_m((9, 0), pin) == 32
+    c = gemm_config(8, 64, 64, torch.float16, (9, 0), 32, pin=pin)
     assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages) == (32, 128, 64, 8, 3)
     for bad, what in (("BLOCK_Q=3", "NAME=INT"), ("BLOCK_N=abc", "expected an int"), ("BLOCK_N=48", "power of two"),
                       ("BLOCK_N", "NAME=INT")):
-        monkeypatch.setenv(configs.ENV_CONFIG, bad)
+        monkeypatch.setenv(options.ENV_CONFIG, bad)
         with pytest.raises(ValueError, match=what):
-            gemm_config(8, 64, 64, torch.float16, (9, 0), 64)
+            options.resolve()
+
+
+def test_config_pin_from_the_python_api(monkeypatch):
+    """A pin given as a keyword beats the process default, which beats the environment."""
+    monkeypatch.setenv(options.ENV_CONFIG, "BLOCK_N=128")
+    assert options.resolve().gemm_pin == {"BLOCK_N": 128}
+    with options.override(gemm_config={"BLOCK_N": 32, "num_warps": 2}):
+        assert options.resolve().gemm_pin == {"BLOCK_N": 32, "num_warps": 2}
+        assert options.resolve(gemm_config={"BLOCK_K": 16}).gemm_pin == {"BLOCK_K": 16}
+    assert options.resolve().gemm_pin == {"BLOCK_N": 128}
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        options.KernelOptions(gemm_config={"BLOCK_N": 48})
+    with pytest.raises(ValueError, match="gemm_config: expected fields"):
+        options.KernelOptions(gemm_config={"BLOCK_Q": 16})
 
 
 def test_config_env_pin_drives_the_backend(monkeypatch):
     """The pinned BLOCK_M pads the plan (TritonBackend.block_m) and the GEMMs follow."""
     from moe_kernels.backends import get_backend
     from moe_kernels.params import expert_params
-    monkeypatch.setenv(configs.ENV_CONFIG, "BLOCK_M=32,BLOCK_N=64,BLOCK_K=32")
+    monkeypatch.setenv(options.ENV_CONFIG, "BLOCK_M=32,BLOCK_N=64,BLOCK_K=32")
     w13, w2, _, _ = make_weights(4, 32, 32, "swiglu", torch.float32, bias=False)
     params = expert_params(w13, w2)
     be = get_backend("triton", DEVICE)
-    assert be.block_m(params, 10) == be.block_m(params, 10_000) == 32
+    assert be.block_m(params) == 32
     routing, _ = make_routing("softmax_topk", 10, 4, k=2)
     assert be.plan(routing, params).block_m == 32
+    # The typed path: a keyword of the call wins over the environment.
+    pinned = options.KernelOptions(gemm_config={"BLOCK_M": 16})
+    assert be.block_m(params, pinned) == 16 and be.plan(routing, params, pinned).block_m == 16
+    x = torch.randn(10, 32, device=DEVICE)
+    ref = mk.fused_experts(x, routing, params, backend="torch")
+    got = mk.fused_experts(x, routing, params, backend="triton", gemm_config={"BLOCK_M": 16, "BLOCK_N": 32})
+    assert_close(got, ref, 1e-5, "pinned-config output")
 
 
 @pytest.mark.skipif(os.environ.get("MOE_KERNELS_AUTOTUNE") == "1", reason="checks the default")
 def test_autotune_flag_default_off():
-    assert not configs.autotune_enabled()
+    assert not options.resolve().autotune
     assert all(set(c) == {"BLOCK_K"} for c, _, _ in configs.autotune_configs())
 
 
@@ -441,7 +466,7 @@ def test_fp32_gemm_under_the_new_precision_api(fp32_precision, value, want):
     """With the torch >= 2.9 API set, reading the legacy allow_tf32 raises RuntimeError:
     the precision comes from fp32_precision, and an fp32 layer runs."""
     import moe_kernels as mk
-    from moe_kernels.triton.gemm import dot_precision
+    from moe_kernels.backends.triton.gemm import dot_precision
     fp32_precision(value)
     assert dot_precision(torch.float32) == want and dot_precision(torch.float16) == "ieee"
     t, h, i, e = 9, 32, 32, 3
@@ -457,7 +482,7 @@ def test_tf32_rule_every_api_state():
     """The rule itself, on stand-ins for torch's settings objects."""
     from types import SimpleNamespace as NS
 
-    from moe_kernels.triton.gemm import _tf32_allowed
+    from moe_kernels.backends.triton.gemm import _tf32_allowed
 
     class Mixed:  # torch when the legacy and new APIs were mixed: allow_tf32 refuses
         @property

@@ -91,7 +91,7 @@ def test_fused_combine_is_deterministic_and_equals_separate_kernel():
     params = expert_params(w13, w2)
     routing = be.route(logits, "softmax_topk", {"top_k": m["k"]})
     plan = be.plan(routing, params)
-    from moe_kernels.triton.ops import moe_experts
+    from moe_kernels.backends.triton.experts import moe_experts
     sep = moe_experts(x, plan, params, combine="separate")
     (dx_sep,) = torch.autograd.grad(sep.float().sum(), x)
     for _ in range(10):

@@ -1,4 +1,4 @@
-"""The one-launch Triton dispatch plan (moe_kernels.triton.plan) against build_plan_torch.
+"""The one-launch Triton dispatch plan (moe_kernels.backends.triton.plan) against build_plan_torch.
 
 Every field must be equal bit for bit, for every router's slot layout: token-major top-k
 (with dropped sentinel ids), Switch with capacity (dropped slots), Expert Choice (tokens
@@ -17,8 +17,8 @@ import_or_skip()
 from moe_kernels import routing as R  # noqa: E402
 from moe_kernels.plan import build_plan_torch  # noqa: E402
 from moe_kernels.routing import Routing  # noqa: E402
-from moe_kernels.triton import plan as TP  # noqa: E402
-from moe_kernels.triton.plan import build_plan_triton  # noqa: E402
+from moe_kernels.backends.triton import plan as TP  # noqa: E402
+from moe_kernels.backends.triton.plan import build_plan_triton  # noqa: E402
 
 FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "padded_offsets", "padded_slot",
           "block_expert", "token_slots")

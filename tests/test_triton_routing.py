@@ -1,4 +1,4 @@
-"""The Triton routing kernel (moe_kernels.triton.routing) against its pure-PyTorch twin.
+"""The Triton routing kernel (moe_kernels.backends.triton.routing) against its pure-PyTorch twin.
 
 Runs in Triton's interpreter on CPU tensors without a GPU (tests/conftest.py sets
 TRITON_INTERPRET=1), on the GPU otherwise. Ids and counts must match exactly (ties
@@ -13,8 +13,9 @@ from triton_interp import DEVICE, assert_no_poison, import_or_skip, poison_empty
 import_or_skip()
 
 from moe_kernels import routing as R  # noqa: E402
-from moe_kernels.triton import routing as TR  # noqa: E402
-from moe_kernels.triton.routing import fused_topk, fused_topk_torch, route_topk  # noqa: E402
+from moe_kernels.backends.triton import routing as TR  # noqa: E402
+from moe_kernels.primitives import fused_topk_args  # noqa: E402
+from moe_kernels.backends.triton.routing import fused_topk, fused_topk_torch, route_fused  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,7 +84,7 @@ def test_sigmoid_matches_twin(monkeypatch, t, e, k, ng, tg, bias, scale, renorm,
     poison_empty(monkeypatch, TR)
     x = _logits(t, e, torch.float32, kind)
     b = (torch.randn(e) * 0.1).to(DEVICE) if bias else None
-    kw = dict(scoring="sigmoid", bias=b, n_group=ng, topk_group=tg, routed_scaling_factor=scale, renormalize=renorm)
+    kw = dict(router="grouped_sigmoid_topk", bias=b, n_group=ng, topk_group=tg, routed_scaling_factor=scale, renormalize=renorm)
     got = fused_topk(x, k, **kw)
     for name, v in zip(("ids", "weights", "counts"), got):
         assert_no_poison(v, name)
@@ -93,7 +94,7 @@ def test_sigmoid_matches_twin(monkeypatch, t, e, k, ng, tg, bias, scale, renorm,
 def test_empty_batch():
     # T = 0: no launch, empty outputs, zero counts, an empty gradient
     x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
-    ids, w, counts = fused_topk(x, 2, scoring="sigmoid")
+    ids, w, counts = fused_topk(x, 2, router="grouped_sigmoid_topk")
     assert ids.shape == (0, 2) and w.shape == (0, 2) and torch.equal(counts, torch.zeros_like(counts))
     w.sum().backward()
     assert x.grad.shape == (0, 8)
@@ -104,7 +105,7 @@ def test_bias_changes_choice_not_weights():
     x = _logits(16, 8)
     b = torch.zeros(8, device=DEVICE)
     b[5] = 10.0
-    ids, w, _ = fused_topk(x, 2, scoring="sigmoid", bias=b, renormalize=False)
+    ids, w, _ = fused_topk(x, 2, router="grouped_sigmoid_topk", bias=b, renormalize=False)
     assert bool((ids == 5).any(dim=1).all())
     pick = (ids == 5).int().argmax(dim=1)
     torch.testing.assert_close(w.gather(1, pick[:, None])[:, 0], torch.sigmoid(x[:, 5].float()))
@@ -118,11 +119,11 @@ def test_strided_logits():
 
 
 GRAD_CASES = [
-    pytest.param("softmax", True, 1.0, 1, 1, "fp32", id="softmax-renorm"),
-    pytest.param("softmax", False, 1.0, 1, 1, "fp32", id="softmax-no-renorm"),
-    pytest.param("softmax", True, 1.0, 1, 1, "fp16", id="softmax-fp16"),
-    pytest.param("sigmoid", True, 2.5, 4, 2, "fp32", id="sigmoid-renorm-groups-scale"),
-    pytest.param("sigmoid", False, 1.0, 1, 1, "fp32", id="sigmoid-no-renorm"),
+    pytest.param("softmax_topk", True, 1.0, 1, 1, "fp32", id="softmax-renorm"),
+    pytest.param("softmax_topk", False, 1.0, 1, 1, "fp32", id="softmax-no-renorm"),
+    pytest.param("softmax_topk", True, 1.0, 1, 1, "fp16", id="softmax-fp16"),
+    pytest.param("grouped_sigmoid_topk", True, 2.5, 4, 2, "fp32", id="sigmoid-renorm-groups-scale"),
+    pytest.param("grouped_sigmoid_topk", False, 1.0, 1, 1, "fp32", id="sigmoid-no-renorm"),
 ]
 
 
@@ -131,8 +132,8 @@ def test_gradient_matches_twin_autograd(monkeypatch, scoring, renorm, scale, ng,
     poison_empty(monkeypatch, TR)
     t, e, k = 37, 12, 3
     x = _logits(t, e, DTYPES[dtype])
-    bias = (torch.randn(e) * 0.1).to(DEVICE) if scoring == "sigmoid" else None
-    kw = dict(scoring=scoring, renormalize=renorm, bias=bias, n_group=ng, topk_group=tg, routed_scaling_factor=scale)
+    bias = (torch.randn(e) * 0.1).to(DEVICE) if scoring == "grouped_sigmoid_topk" else None
+    kw = dict(router=scoring, renormalize=renorm, bias=bias, n_group=ng, topk_group=tg, routed_scaling_factor=scale)
     g = torch.randn(t, k, device=DEVICE)
     x1 = x.clone().requires_grad_(True)
     ids, w, _ = fused_topk(x1, k, **kw)
@@ -148,15 +149,16 @@ def test_gradient_matches_twin_autograd(monkeypatch, scoring, renorm, scale, ng,
     assert float(x1.grad.abs().max()) > 0
 
 
-def test_route_topk_is_the_reference_routing(monkeypatch):
+def test_route_fused_is_the_reference_routing(monkeypatch):
     poison_empty(monkeypatch, TR)
     x = _logits(33, 13)
-    r = route_topk(x, 4)
+    r = route_fused(x, fused_topk_args("softmax_topk", {"top_k": 4}))
     assert_no_poison(r.slot_token, "slot_token")
     ref = R.softmax_topk(x, 4)
     assert torch.equal(r.slot_token, ref.slot_token) and torch.equal(r.slot_expert, ref.slot_expert)
     torch.testing.assert_close(r.slot_weight, ref.slot_weight.float())
     assert r.top_k == 4 and r.max_slots_per_token == 4 and r.num_experts == 13
+    torch.testing.assert_close(r.losses["load_balancing"], ref.losses["load_balancing"].float())
 
 
 def test_custom_op_registration():
@@ -175,12 +177,12 @@ def test_torch_compile_fullgraph_traces():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(logits):
-        ids, w, counts = fused_topk(logits, 2, scoring="sigmoid", n_group=2, topk_group=1)
+        ids, w, counts = fused_topk(logits, 2, router="grouped_sigmoid_topk", n_group=2, topk_group=1)
         return w.sum(), ids, counts
 
     loss, ids, counts = f(x)
     loss.backward()
-    rids, rw, rcounts = fused_topk_torch(x.detach(), 2, scoring="sigmoid", n_group=2, topk_group=1)
+    rids, rw, rcounts = fused_topk_torch(x.detach(), 2, router="grouped_sigmoid_topk", n_group=2, topk_group=1)
     assert torch.equal(ids, rids) and torch.equal(counts, rcounts)
     assert x.grad is not None and x.grad.shape == x.shape
 
@@ -188,12 +190,12 @@ def test_torch_compile_fullgraph_traces():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(top_k=0), "top_k"),
     (dict(top_k=9), "top_k"),
-    (dict(top_k=2, scoring="tanh"), "scoring"),
+    (dict(top_k=2, router="tanh"), "router"),
     (dict(top_k=2, bias=torch.zeros(8)), "bias"),
-    (dict(top_k=2, scoring="sigmoid", n_group=3), "n_group"),
-    (dict(top_k=2, scoring="sigmoid", n_group=2, topk_group=3), "topk_group"),
-    (dict(top_k=5, scoring="sigmoid", n_group=4, topk_group=2), "top_k"),
-    (dict(top_k=2, scoring="sigmoid", bias=torch.zeros(7)), "bias"),
+    (dict(top_k=2, router="grouped_sigmoid_topk", n_group=3), "n_group"),
+    (dict(top_k=2, router="grouped_sigmoid_topk", n_group=2, topk_group=3), "topk_group"),
+    (dict(top_k=5, router="grouped_sigmoid_topk", n_group=4, topk_group=2), "top_k"),
+    (dict(top_k=2, router="grouped_sigmoid_topk", bias=torch.zeros(7)), "bias"),
     (dict(top_k=2, routed_scaling_factor=0.0), "routed_scaling_factor"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -216,9 +218,9 @@ def test_bad_logits():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN rows, in the interpreter
 @pytest.mark.parametrize("scoring,e,inf", [
-    pytest.param("softmax", 8, False, id="softmax-nan-row-E8-BLOCK_E16"),
-    pytest.param("softmax", 16, True, id="softmax-inf-logit-E-pow2"),
-    pytest.param("sigmoid", 13, False, id="sigmoid-nan-row-prime-E"),
+    pytest.param("softmax_topk", 8, False, id="softmax-nan-row-E8-BLOCK_E16"),
+    pytest.param("softmax_topk", 16, True, id="softmax-inf-logit-E-pow2"),
+    pytest.param("grouped_sigmoid_topk", 13, False, id="sigmoid-nan-row-prime-E"),
 ])
 def test_nan_rows_are_dropped_never_past_E(monkeypatch, scoring, e, inf):
     """A NaN row (the public API rejects NaN only where it can check, on the CPU, so the
@@ -233,7 +235,7 @@ def test_nan_rows_are_dropped_never_past_E(monkeypatch, scoring, e, inf):
     x[0, 2] = float("nan")  # one NaN logit
     x[5] = float("nan")  # a whole NaN row
     x[36, 1] = float("inf") if inf else float("nan")
-    sig = scoring == "sigmoid"
+    sig = scoring == "grouped_sigmoid_topk"
     ids, w, counts, tok = TR._launch_fwd(x, None, k, sig, True, 1, 1, 1.0, True)
     assert int(ids.max()) <= e, f"ids past the dropped sentinel E={e}: {ids[bad_rows].tolist()}"
     assert (ids[bad_rows] == e).all(), ids[bad_rows].tolist()
@@ -242,7 +244,7 @@ def test_nan_rows_are_dropped_never_past_E(monkeypatch, scoring, e, inf):
         assert_no_poison(v, name)
     good = torch.ones(t, dtype=torch.bool, device=DEVICE)
     good[bad_rows] = False
-    rids, rw, _ = fused_topk_torch(x[good], k, scoring=scoring)
+    rids, rw, _ = fused_topk_torch(x[good], k, router=scoring)
     _check((ids[good], w[good], counts), (rids, rw, torch.bincount(rids.view(-1).long(), minlength=e).int()),
            "good rows")
     if inf and not sig:

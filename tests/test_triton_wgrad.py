@@ -1,4 +1,4 @@
-"""The Triton expert weight/bias-gradient kernel (moe_kernels.triton.wgrad) against its
+"""The Triton expert weight/bias-gradient kernel (moe_kernels.backends.triton.wgrad) against its
 pure-PyTorch twin, plus a self-test of the interpreter's bf16 shim (tests/triton_interp.py)
 that the bf16 cases rely on.
 """
@@ -15,8 +15,8 @@ import triton.language as tl  # noqa: E402
 
 from moe_kernels import routing as R  # noqa: E402
 from moe_kernels.plan import build_plan_torch  # noqa: E402
-from moe_kernels.triton import wgrad as TW  # noqa: E402
-from moe_kernels.triton.wgrad import (  # noqa: E402
+from moe_kernels.backends.triton import wgrad as TW  # noqa: E402
+from moe_kernels.backends.triton.wgrad import (  # noqa: E402
     expert_bias_grad,
     expert_bias_grad_torch,
     expert_weight_grad,
@@ -197,7 +197,7 @@ def test_bf16_shim_is_exact(bf16_interp):
 def test_fp32_precision_follows_the_gemms(monkeypatch, tf32):
     """fp32 weight gradients use TF32 exactly when the GEMMs (and torch's matmuls) do;
     16-bit inputs leave the precision to tl.dot's default."""
-    from moe_kernels.triton import gemm
+    from moe_kernels.backends.triton import gemm
     monkeypatch.setattr(gemm, "tf32_allowed", lambda: tf32)
     seen = []
 

@@ -47,7 +47,7 @@ def import_or_skip():
 
 def interpreting() -> bool:
     """The package's own reading of ``TRITON_INTERPRET`` (one parser everywhere)."""
-    from moe_kernels.triton import interpreting as pkg_interpreting
+    from moe_kernels.backends.triton import interpreting as pkg_interpreting
 
     return pkg_interpreting()
 

@@ -1,20 +1,30 @@
 """What a backend is: routing, plan and experts for one implementation.
 
-A backend answers three questions for the layer and the functional API:
+A backend answers four questions for the layer and the functional API:
 
 * ``unavailable(device)``: ``None`` when it can run on ``device``, else a sentence
   saying why and how to get it (shown verbatim in the error and in ``moe-kernels info``).
 * ``route(logits, router, options)``: a :class:`~moe_kernels.routing.Routing`; a backend
   with fused routing kernels overrides it for the routers it fuses and defers to the
   pure-PyTorch routers for the rest.
-* ``plan(routing, params)`` then ``experts(x, plan, params)``: the dispatch plan and the
-  expert computation, differentiable in ``x``, the weights and the slot weights.
+* ``plan(routing, params, options)``: the :class:`~moe_kernels.plan.DispatchPlan`, padded
+  to ``block_m(params, options)`` rows per expert.
+* ``experts(x, plan, params, options)``: the expert computation, differentiable in ``x``,
+  the weights and the slot weights.
+
+``options`` is a :class:`~moe_kernels.options.KernelOptions` (``None``: the process
+defaults); a backend resolves the fields it uses and ignores the rest.
+
+Every backend keeps the same files for the same roles: ``backend.py`` (the class),
+``routing.py``, ``plan.py``, ``experts.py`` (each kernel's launcher, autograd and
+pure-PyTorch twin together); the torch backend's routing and plan are the core's.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..options import KernelOptions
 from ..params import ExpertParams
 from ..plan import DispatchPlan, build_plan_torch
 from ..routing import Routing, route
@@ -29,11 +39,13 @@ class Backend:
     def route(self, logits: torch.Tensor, router: str, options: dict) -> Routing:
         return route(logits, router, **options)
 
-    def block_m(self, params: ExpertParams, num_slots: int) -> int:
+    def block_m(self, params: ExpertParams, options: KernelOptions | None = None) -> int:
+        """Rows per padded block of the plan; a function of static shapes only."""
         return 64
 
-    def plan(self, routing: Routing, params: ExpertParams) -> DispatchPlan:
-        return build_plan_torch(routing, self.block_m(params, routing.num_slots))
+    def plan(self, routing: Routing, params: ExpertParams, options: KernelOptions | None = None) -> DispatchPlan:
+        return build_plan_torch(routing, self.block_m(params, options))
 
-    def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
+    def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
+                options: KernelOptions | None = None) -> torch.Tensor:
         raise NotImplementedError

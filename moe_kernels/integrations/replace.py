@@ -50,7 +50,7 @@ from ..activations import Activation, apply_activation
 from ..backends import BACKEND_NAMES, get_backend
 from ..functional import fused_experts
 from ..params import expert_params
-from ..routing import ROUTERS, Routing
+from ..routing import ROUTERS, Routing, router_jitter
 
 __all__ = ["FusedMoEBlock", "ReplaceReport", "replace_moe_layers"]
 
@@ -272,8 +272,7 @@ class FusedMoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         x = hidden_states
-        if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        x = router_jitter(x, self.jitter_noise, self.training)
         x2d = x.reshape(-1, shape[-1]).contiguous()
         logits, routing = self.route(x2d)
         params = expert_params(self.w13, self.w2, self.b13, self.b2, activation=self.activation)

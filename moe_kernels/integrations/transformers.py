@@ -42,7 +42,6 @@ The backend is the one given to :func:`register`, else the environment variable
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +60,7 @@ from .._checks import FLOAT_DTYPES
 from ..activations import Activation, apply_activation
 from ..backends import BACKEND_NAMES
 from ..functional import fused_experts
+from ..options import ENV_HF_BACKEND as ENV_BACKEND, hf_backend_default
 from ..params import ExpertParams, expert_params
 from ..routing import Routing
 
@@ -69,7 +69,6 @@ __all__ = [
     "registered", "resolve",
 ]
 
-ENV_BACKEND = "MOE_KERNELS_HF_BACKEND"
 _BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 
 # name -> backend given to register() (None: the environment variable, else "auto")
@@ -245,7 +244,7 @@ def _backend_for(name: str | None, backend: str | None) -> str:
         return backend
     if name is not None and _registered.get(name) is not None:
         return _registered[name]
-    return os.environ.get(ENV_BACKEND, "auto") or "auto"
+    return hf_backend_default()
 
 
 def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,

@@ -1,4 +1,5 @@
-"""The grouped GEMM of every expert matmul, forward and backward: one kernel, flags.
+"""The grouped GEMM of every expert matmul, forward and backward: one kernel
+(``_grouped_gemm_kernel``), flags.
 
 ``C[r] = epilogue(A[row_of(r)] @ B[e]^T)`` over the plan's padded rows ``r``; row block
 ``b`` belongs to expert ``e = plan.block_expert[b]`` (``-1``: the program exits), so a
@@ -47,18 +48,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import Activation, apply_activation
-from .act import _act_bwd, _act_fwd
-from ..backends.torch_backend import combine_slots
+from ...activations import Activation, apply_activation
+from .act import ACT_CODES, _act_bwd, _act_fwd
+from ...primitives import combine_slots
 from . import on_device
 from .combine import _fused_combine, _zero_prologue, ks_block
-from .configs import GemmConfig, autotune_configs, autotune_enabled, capability_of, gemm_config
+from .configs import GemmConfig, autotune_configs, capability_of, gemm_config
 
 __all__ = ["ACT_CODES", "Prologue", "GemmOutputs", "grouped_gemm", "grouped_gemm_torch", "dot_precision",
            "tf32_allowed"]
 
-ACT_CODES = {"none": 0, "swiglu": 1, "geglu": 2, "geglu_tanh": 3, "swiglu_oai": 4,
-             "gelu": 5, "gelu_tanh": 6, "relu": 7, "silu": 8}
 _A_ROWS = {"token": 0, "slot": 1, "padded": 2}
 _C_ROWS = {"slot": 1, "padded": 2}
 _EPI = {"none": 0, "act": 1, "act_bwd": 2}
@@ -101,7 +100,7 @@ def _store_pair(ptr, rows, stride_m, n0, offs_n, row_ok, N, g, u,
 
 
 @triton.jit
-def _grouped_gemm_fwd_kernel(
+def _grouped_gemm_kernel(
     a_ptr,              # [Ra, K] A rows (Ra = T, S or P by A_ROWS)
     b_ptr,              # [E, NB, K] strided weights (NB = 2N for the gated GEMM1, else N)
     c_ptr,              # [Rc, NC] main output, rows by C_ROWS (NC = N; 2N for a gated act_bwd)
@@ -375,7 +374,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _prepare(a, b, plan, *, a_rows, c_rows, epilogue, activation, interleaved, bias, row_scale, store_c, store_pre,
-             store_h, pre, bias_dot, wpart, dw_final, combine, prologue, c, h, dw, out, counters, config):
+             store_h, pre, bias_dot, wpart, dw_final, combine, c, h, dw, out, config):
     """Checks and output buffers shared by the launcher and its twin: (outputs, N, config)."""
     _check_args(a, b, plan, a_rows, c_rows, epilogue, activation, combine)
     act = activation
@@ -420,13 +419,13 @@ _AUTOTUNED = []
 
 
 def _autotuned():
-    """The kernel under ``triton.autotune`` (``MOE_KERNELS_AUTOTUNE=1``): BLOCK_K, warps and
+    """The kernel under ``triton.autotune`` (``autotune=True``): BLOCK_K, warps and
     stages are tuned per (N, K, dtype, mode); BLOCK_M is the plan's and BLOCK_N stays the
     heuristic's, since buffer shapes (partials, counters) depend on it. Benchmark runs
     repeat the kernel, which is idempotent except for the combine counters: restored."""
     if not _AUTOTUNED:
         cands = [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in autotune_configs()]
-        heur = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_grouped_gemm_fwd_kernel)
+        heur = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_grouped_gemm_kernel)
         _AUTOTUNED.append(triton.autotune(cands, key=["N", "K", "A_ROWS", "EPI", "ACT", "GATED", "BLOCK_M", "BLOCK_N"],
                                           restore_value=["counter_ptr"])(heur))
     return _AUTOTUNED[0]
@@ -440,13 +439,17 @@ def grouped_gemm(
     dw_final: bool = False, combine: str = "none", prologue: Prologue | None = None,
     c: torch.Tensor | None = None, h: torch.Tensor | None = None, dw: torch.Tensor | None = None,
     out: torch.Tensor | None = None, counters: torch.Tensor | None = None, config: GemmConfig | None = None,
+    autotune: bool = False,
 ) -> GemmOutputs:
     """One launch of the grouped GEMM. ``b`` is logically [E, NB, K]; ``N`` (the output
     columns) is NB, or NB/2 for ``epilogue="act"`` with a gated activation. Output
     buffers are allocated unless given (``c``, ``pre`` for ``store_pre``, ``h``, ``wpart``,
     ``dw``, ``out``, ``counters``). ``plan`` is a DispatchPlan (or any object with its
     fields). See the module docstring for the modes."""
-    res, n, cfg = _prepare(a, b, plan, **{k: v for k, v in locals().items() if k not in ("a", "b", "plan")})
+    res, n, cfg = _prepare(a, b, plan, a_rows=a_rows, c_rows=c_rows, epilogue=epilogue, activation=activation,
+                          interleaved=interleaved, bias=bias, row_scale=row_scale, store_c=store_c,
+                          store_pre=store_pre, store_h=store_h, pre=pre, bias_dot=bias_dot, wpart=wpart,
+                          dw_final=dw_final, combine=combine, c=c, h=h, dw=dw, out=out, config=config)
     act, e, k = activation, b.shape[0], b.shape[2]
     gated = bool(act is not None and act.gated)
     s, t, num_pid_n = plan.slot_token.shape[0], plan.num_tokens, triton.cdiv(n, cfg.BLOCK_N)
@@ -493,10 +496,10 @@ def grouped_gemm(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M, PRO_BLOCK=_PRO_BLOCK,
     )
     with on_device(a):
-        if a.is_cuda and autotune_enabled():
+        if a.is_cuda and autotune:
             _autotuned()[grid](*args, **meta)
         else:
-            _grouped_gemm_fwd_kernel[grid](*args, **meta, BLOCK_K=cfg.BLOCK_K, EVEN_K=k % cfg.BLOCK_K == 0,
+            _grouped_gemm_kernel[grid](*args, **meta, BLOCK_K=cfg.BLOCK_K, EVEN_K=k % cfg.BLOCK_K == 0,
                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return res
 
@@ -512,6 +515,7 @@ def grouped_gemm_torch(
     dw_final: bool = False, combine: str = "none", prologue: Prologue | None = None,
     c: torch.Tensor | None = None, h: torch.Tensor | None = None, dw: torch.Tensor | None = None,
     out: torch.Tensor | None = None, counters: torch.Tensor | None = None, config: GemmConfig | None = None,
+    autotune: bool = False,
 ) -> GemmOutputs:
     """Pure-PyTorch twin of :func:`grouped_gemm` (same signature, same buffers written,
     fp32 math): writes only the rows the kernel writes."""
@@ -522,7 +526,10 @@ def grouped_gemm_torch(
         pro.zero_f32.zero_()
     if pro.out is not None:
         pro.out[(plan.token_slots < 0).all(dim=1)] = 0
-    res, n, cfg = _prepare(a, b, plan, **{k: v for k, v in locals().items() if k not in ("a", "b", "plan", "pro")})
+    res, n, cfg = _prepare(a, b, plan, a_rows=a_rows, c_rows=c_rows, epilogue=epilogue, activation=activation,
+                          interleaved=interleaved, bias=bias, row_scale=row_scale, store_c=store_c,
+                          store_pre=store_pre, store_h=store_h, pre=pre, bias_dot=bias_dot, wpart=wpart,
+                          dw_final=dw_final, combine=combine, c=c, h=h, dw=dw, out=out, config=config)
     act, s, t, dev, dt = activation, plan.slot_token.shape[0], plan.num_tokens, a.device, a.dtype
     nb, num_pid_n = b.shape[1], triton.cdiv(n, cfg.BLOCK_N)
 

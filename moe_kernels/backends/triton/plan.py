@@ -40,12 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_int
-from ..plan import DispatchPlan, max_padded_rows
-from ..routing import Routing
-from . import MAX_EXPERTS, check_device, on_device
+from ..._checks import check_int
+from ...plan import DispatchPlan, max_padded_rows
+from ...routing import Routing
+from ...limits import TRITON
+from . import check_device, on_device
 
-__all__ = ["build_plan_triton", "MAX_EXPERTS"]
+__all__ = ["build_plan_triton"]
 
 # Allocation hook: tests replace it to pre-fill outputs with poison.
 _empty = torch.empty
@@ -229,17 +230,11 @@ def build_plan_triton(routing: Routing, block_m: int = 64) -> DispatchPlan:
         raise ValueError(f"routing: expected a moe_kernels.routing.Routing, got {type(routing).__name__}")
     check_int("block_m", block_m, low=1, high=4096)
     e = routing.num_experts
-    if e > MAX_EXPERTS:
-        raise ValueError(f"routing.num_experts: expected <= {MAX_EXPERTS} for the Triton plan kernel, got {e}")
+    if not TRITON.plans(e):
+        raise ValueError(f"routing.num_experts: expected <= {TRITON.plan_max_experts} for the Triton plan kernel, "
+                         f"got {e}")
     check_device("routing.slot_expert", routing.slot_expert)
     se, st = routing.slot_expert.contiguous(), routing.slot_token.contiguous()
     out = _dispatch_plan_op(se, st, routing.num_tokens, e, routing.max_slots_per_token,
                             routing.top_k or 0, block_m)
-    counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert, token_slots = out
-    return DispatchPlan(
-        num_tokens=routing.num_tokens, num_experts=e, block_m=block_m,
-        max_slots_per_token=routing.max_slots_per_token, slot_token=routing.slot_token,
-        slot_expert=routing.slot_expert, slot_weight=routing.slot_weight, expert_counts=counts,
-        expert_offsets=offsets, sorted_slot=sorted_slot, slot_position=position, padded_offsets=poffs,
-        padded_slot=padded_slot, block_expert=block_expert, token_slots=token_slots, top_k=routing.top_k,
-    )
+    return DispatchPlan.from_fields(routing, block_m, out)

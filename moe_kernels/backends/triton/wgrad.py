@@ -24,7 +24,7 @@ gradient rides along in the programs of the first K-tile (``bias_out=``) or runs
 kernel: nothing is saved.
 
 fp32 inputs follow the same precision rule as the grouped GEMMs and torch's own
-matmuls (:func:`moe_kernels.triton.gemm.dot_precision`): TF32 products when torch
+matmuls (:func:`moe_kernels.backends.triton.gemm.dot_precision`): TF32 products when torch
 allows TF32 for fp32 matmuls, IEEE fp32 otherwise (the default). Consistent on
 purpose: the torch backend's autograd computes its weight gradients in TF32 under the
 same setting, and once the forward and input-gradient GEMMs round to TF32 an IEEE
@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_tensor
-from ..plan import DispatchPlan
+from ..._checks import check_tensor
+from ...plan import DispatchPlan
 from . import check_device, on_device
 from .gemm import dot_precision
 

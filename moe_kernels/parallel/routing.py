@@ -33,9 +33,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_finite, check_positive_float, check_tensor
-from .parallel_comm import all_gather_stack, all_reduce_sum, group_rank_world
-from .routing import ROUTERS, Routing, cv_squared, expert_choice_capacity, noisy_topk, route
+from .._checks import FLOAT_DTYPES, check_positive_float, check_tensor
+from .comm import all_gather_stack, all_reduce_sum, group_rank_world
+from ..routing import (ROUTERS, Routing, check_logits, cv_squared, expert_choice_capacity, noisy_topk, route,
+                       route_dtype, topk_lowest_first, ROUTER_ALIASES)
 
 __all__ = ["LocalRouting", "route_local", "raise_if_failed"]
 
@@ -78,21 +79,6 @@ def raise_if_failed(flags: list[int], failure: BaseException | None) -> None:
                        f"there); every rank stops at the same collective so the group stays usable")
 
 
-def _route_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _check_logits(name: str, logits: torch.Tensor) -> None:
-    check_tensor(name, logits, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    check_finite(name, logits)
-
-
-def _sorted_desc(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Stable: ties go to the lowest index, as the single-process routers break them.
-    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    return vals[..., :k], idx[..., :k]
-
-
 def _div(x: torch.Tensor, n: int) -> torch.Tensor:
     return x / n if n else x * 0
 
@@ -104,7 +90,7 @@ def _div(x: torch.Tensor, n: int) -> torch.Tensor:
 def _local_phase(logits, router, options, training, backend):
     e = logits.shape[1]
     t = logits.shape[0]
-    dt = _route_dtype(logits)
+    dt = route_dtype(logits)
     opts = dict(options)
     if router == "softmax_topk":
         routing = backend.route(logits, router, opts) if backend is not None else route(logits, router, **opts)
@@ -118,13 +104,13 @@ def _local_phase(logits, router, options, training, backend):
             f, p = _div(g[:e], tg * k), _div(g[e:], tg)
             return {"load_balancing": e * torch.sum(f * p)}
         return {"routing": routing, "stats": [counts, probs.sum(0)], "finish": finish}
-    if router in ("grouped_sigmoid_topk", "dense"):
+    if router in ("grouped_sigmoid_topk", "dense_softmax"):
         routing = backend.route(logits, router, opts) if backend is not None else route(logits, router, **opts)
         return {"routing": routing, "stats": [], "finish": lambda g, tg: {}}
     if router == "noisy_topk":
         return _noisy_local(logits, opts, training)
     if router == "switch":
-        _check_logits("logits", logits)
+        check_logits(logits, "logits")
         unknown = sorted(set(opts) - {"capacity_factor"})
         if unknown:
             raise ValueError(f"{unknown[0]}: not an option of router 'switch' (its options: ['capacity_factor'])")
@@ -139,7 +125,7 @@ def _local_phase(logits, router, options, training, backend):
         return {"probs": probs, "w": w, "expert": expert, "counts": counts, "position": position, "cf": cf,
                 "stats": [probs.sum(0)]}
     if router == "expert_choice":
-        _check_logits("logits", logits)
+        check_logits(logits, "logits")
         unknown = sorted(set(opts) - {"capacity_factor"})
         if unknown:
             raise ValueError(f"{unknown[0]}: not an option of router 'expert_choice' "
@@ -153,7 +139,7 @@ def _local_phase(logits, router, options, training, backend):
 
 def _noisy_local(logits, opts, training):
     e, t = logits.shape[1], logits.shape[0]
-    dt = _route_dtype(logits)
+    dt = route_dtype(logits)
     k = opts.get("top_k")
     noise_logits = opts.pop("noise_logits", None)
     noise = opts.pop("noise", None)
@@ -173,7 +159,7 @@ def _noisy_local(logits, opts, training):
         clean = logits.to(dt)
         std = F.softplus(noise_logits.to(dt)) + eps
         noisy = clean + noise.to(dt) * std
-        top_vals, _ = _sorted_desc(noisy, k + 1)
+        top_vals, _ = topk_lowest_first(noisy, k + 1)
         theta_in, theta_out = top_vals[:, k:k + 1], top_vals[:, k - 1:k]
         p = torch.where(noisy > theta_in, torch.special.ndtr((clean - theta_in) / std),
                         torch.special.ndtr((clean - theta_out) / std))
@@ -233,7 +219,7 @@ def _expert_choice_global(part, t, e, group, rank, world, num_global_tokens, fai
         empty = torch.zeros(0, dtype=torch.int32, device=dev)
         return Routing(empty, empty.clone(), probs.new_zeros(0), t, e, e, top_k=None), info
     c_loc = min(cap, t)
-    vals, idx = _sorted_desc(probs.detach().t(), c_loc)  # [E, c_loc]
+    vals, idx = topk_lowest_first(probs.detach().t(), c_loc)  # [E, c_loc]
     cand = torch.empty(2, e, cap, dtype=torch.float64, device=dev)
     cand[0].fill_(-1.0)  # below every probability: a pad never wins
     cand[1].fill_(_PAD_ID)
@@ -246,7 +232,7 @@ def _expert_choice_global(part, t, e, group, rank, world, num_global_tokens, fai
     # ties go to the lowest global token index, as in the single-process router.
     order = torch.argsort(gid, dim=1, stable=True)
     v, gid = v.gather(1, order), gid.gather(1, order)
-    _, pick = _sorted_desc(v, cap)
+    _, pick = topk_lowest_first(v, cap)
     win = gid.gather(1, pick).to(torch.long)  # [E, C] global candidate ids, each expert's best first
     if t == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=dev)
@@ -288,16 +274,17 @@ def route_local(
 
     Must be called by every rank of ``group`` with the same router and options."""
     rank, world = group_rank_world(group)
+    router = ROUTER_ALIASES.get(router, router)  # an unknown name raises inside the local phase
     if world >= 1 << (52 - _RANK_SHIFT):
         raise ValueError(f"group: expert parallelism supports fewer than {1 << (52 - _RANK_SHIFT)} ranks, got {world}")
-    check_tensor("logits", logits, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     e = logits.shape[1]
 
     def attempt(lg, opts):
         part = _local_phase(lg, router, opts, training, backend)
         if z_loss:
             part["stats"] = part["stats"] + [
-                torch.logsumexp(lg.to(_route_dtype(lg)), dim=-1).square().sum().reshape(1)]
+                torch.logsumexp(lg.to(route_dtype(lg)), dim=-1).square().sum().reshape(1)]
         return part
 
     try:
@@ -321,7 +308,7 @@ def route_local(
         routing, finish = part["routing"], part["finish"]
     routing.losses = {}
     stats = part["stats"]
-    dt = _route_dtype(logits)
+    dt = route_dtype(logits)
     vec = torch.cat([s.reshape(-1).to(dt) for s in stats]) if stats else logits.new_zeros(0, dtype=dt)
 
     def finish_all(g, tg):

@@ -1,23 +1,21 @@
-"""The fast pure-PyTorch backend: sort by expert, one matmul per expert segment.
+"""Pieces every backend shares, written once: the per-token combine, autograd links for
+empty work, the grouped matmul over expert segments, and the glue from a fused top-k
+routing kernel's ids and weights to a :class:`~moe_kernels.routing.Routing`.
 
-Pipeline: gather ``x`` rows into expert order (``x[slot_token[sorted_slot]]``) →
-grouped matmul with W13 (``torch._grouped_mm`` where it takes the operands: fp32/bf16
-with 16-byte-aligned rows on the CPU, bf16 on sm_90+; else a loop over the non-empty
-segments, which reads the counts on the host) → activation → grouped matmul with W2
-→ back to slot order → times the slot weight → per-token sum through the plan's
-``token_slots`` table (a gather and a fixed-order sum: deterministic, no atomics).
-Backward is PyTorch autograd through these ops; it saves the gathered rows and both
-matmul inputs. Runs on any device; this is also the CPU product.
+Core module: imports only the core (routing, plan), never a backend; backends import
+it downward.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..activations import apply_activation
-from ..params import ExpertParams
-from ..plan import DispatchPlan
-from .base import Backend
+from .plan import DispatchPlan
+from .routing import Routing, topk_load_balancing_loss
+
+__all__ = ["combine_slots", "zero_link", "grouped_linear", "TopkArgs", "fused_topk_args", "routing_from_topk"]
 
 
 def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -98,32 +96,62 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
     return out
 
 
-def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
-    """The expert computation of the torch backend; same signature as every backend's."""
-    t, h = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if plan.num_slots == 0:
-        out = x.new_zeros(t, h)
-        link = zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
-        return out if link is None else out + link
-    src = plan.slot_token.index_select(0, plan.sorted_slot).long()
-    # Backward of this gather sums the rows of a token's slots. index_select's backward
-    # (index_add) does it with atomics on CUDA; advanced indexing's (index_put with
-    # accumulate) sorts there instead, but runs parallel atomics on the CPU: take the
-    # deterministic one on each device.
-    rows = x[src] if x.is_cuda else x.index_select(0, src)
-    h13 = grouped_linear(rows, params.w13, params.b13, plan)
-    hidden = apply_activation(h13, params.activation, params.interleaved)
-    y = grouped_linear(hidden, params.w2, params.b2, plan)
-    y_slot = y.index_select(0, plan.slot_position.long()).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
-    return combine_slots(y_slot, plan.token_slots).to(x.dtype)
+# --------------------------------------------------------------------------- fused top-k routing glue
+
+FUSED_TOPK_ROUTERS = ("softmax_topk", "grouped_sigmoid_topk")
+_TOPK_OPTIONS = {
+    "softmax_topk": frozenset({"top_k", "renormalize"}),
+    "grouped_sigmoid_topk": frozenset({"top_k", "renormalize", "bias", "n_group", "topk_group",
+                                       "routed_scaling_factor"}),
+}
 
 
-class TorchBackend(Backend):
-    name = "torch"
+@dataclass(frozen=True)
+class TopkArgs:
+    """The options of a router that a fused top-k kernel implements, with defaults
+    filled in: softmax top-k (``bias`` None, one group, scale 1) or DeepSeek-V3's grouped
+    sigmoid. Validation stays with the kernels' wrappers (they name the argument)."""
 
-    def unavailable(self, device: torch.device) -> str | None:
+    router: str
+    top_k: int
+    renormalize: bool = True
+    bias: torch.Tensor | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.router == "grouped_sigmoid_topk"
+
+
+def fused_topk_args(router: str, options: dict) -> TopkArgs | None:
+    """``options`` of ``router`` as :class:`TopkArgs`, or ``None`` when a fused top-k
+    kernel does not implement this router or one of these options (the caller then runs
+    the pure-PyTorch router, which names what is wrong)."""
+    allowed = _TOPK_OPTIONS.get(router)
+    if allowed is None or "top_k" not in options or not allowed.issuperset(options):
         return None
+    return TopkArgs(router=router, **options)
 
-    def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
-        return experts_torch(x, plan, params)
+
+def _balance_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    # The only torch compute next to a fused router's kernels (the launch-count test hooks it).
+    return topk_load_balancing_loss(torch.softmax(logits.float(), dim=-1), ids.clamp(max=logits.shape[1] - 1))
+
+
+def routing_from_topk(logits: torch.Tensor, args: TopkArgs, ids: torch.Tensor, weights: torch.Tensor,
+                      slot_token: torch.Tensor | None = None) -> Routing:
+    """A token-major :class:`Routing` from a fused kernel's ``ids`` and ``weights`` [T, k],
+    with the losses the pure-PyTorch router reports: softmax top-k's ``load_balancing``
+    (from the softmax of ``logits``: the kernels return no probabilities), none for the
+    grouped sigmoid (auxiliary-loss-free balancing). Ids equal to ``E`` (a row the
+    kernel dropped for non-finite scores) are clamped into range for the loss only: that
+    row's probabilities are NaN, so the loss is NaN either way, while an index past ``E``
+    would be an out-of-bounds scatter."""
+    t, e = logits.shape
+    k = args.top_k
+    losses = {"load_balancing": _balance_loss(logits, ids.reshape(t, k))} if (t and not args.sigmoid) else {}
+    if slot_token is None:
+        slot_token = torch.arange(t, device=logits.device, dtype=torch.int32).repeat_interleave(k)
+    return Routing(slot_token, ids.reshape(-1), weights.reshape(-1), t, e, k, top_k=k, losses=losses)

@@ -12,7 +12,7 @@ decode) it stores them directly; otherwise each program adds its tile's histogra
 integer atomics into a buffer zeroed by ``torch.zeros`` (a second launch, the fill).
 Integer atomics are exact, so the counts are deterministic either way. The dispatch
 plan does not read these counts (it recounts inside its own single launch), so
-:func:`route_topk` skips them and is always one launch.
+:func:`route_fused` skips them and is always one launch.
 
 Ids equal the pure-PyTorch routers' on exact ties; two scores within rounding error of
 each other (a few ulps: Triton's ``exp`` is not torch's) may be ranked differently.
@@ -47,12 +47,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import routing as _ref
-from .._checks import check_finite, check_int, check_positive_float, check_tensor
-from ..routing import Routing, check_grouped_options
-from . import MAX_EXPERTS, check_device, on_device
+from ... import routing as _ref
+from ..._checks import check_finite, check_int, check_positive_float, check_tensor
+from ...routing import Routing, check_grouped_options
+from ...limits import TRITON
+from ...primitives import FUSED_TOPK_ROUTERS, TopkArgs, routing_from_topk
+from . import check_device, on_device
 
-__all__ = ["fused_topk", "fused_topk_torch", "route_topk", "MAX_EXPERTS"]
+__all__ = ["fused_topk", "fused_topk_torch", "route_fused"]
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Allocation hook: tests replace it to pre-fill outputs with poison (every element of
@@ -320,77 +322,76 @@ _topk_route_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public API
 
 
-def _check_args(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor):
+def _check_args(logits, top_k, router, renormalize, bias, n_group, topk_group, routed_scaling_factor):
     check_tensor("logits", logits, ndim=2, dtypes=_LOGIT_DTYPES, contiguous=False)
     t, e = logits.shape
-    check_int("logits.shape[1] (number of experts)", e, low=1, high=MAX_EXPERTS)
+    check_int("logits.shape[1] (number of experts)", e, low=1, high=TRITON.route_max_experts)
     check_finite("logits", logits)
     check_int("top_k", top_k, low=1, high=e)
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
+    if router not in FUSED_TOPK_ROUTERS:
+        raise ValueError(f"router: expected one of {list(FUSED_TOPK_ROUTERS)}, got {router!r}")
     if not isinstance(renormalize, bool):
         raise ValueError(f"renormalize: expected a bool, got {renormalize!r}")
     check_positive_float("routed_scaling_factor", routed_scaling_factor)
     check_int("n_group", n_group, low=1, high=e)
-    if scoring == "softmax":
+    if router == "softmax_topk":
         if bias is not None:
-            raise ValueError("bias: the selection bias is only used with scoring='sigmoid'; got a tensor with 'softmax'")
+            raise ValueError("bias: the selection bias is only used by router='grouped_sigmoid_topk'; "
+                             "got a tensor with 'softmax_topk'")
         if n_group != 1 or topk_group != 1:
-            raise ValueError(f"n_group: grouped selection needs scoring='sigmoid'; got n_group={n_group}, "
-                             f"topk_group={topk_group} with 'softmax'")
+            raise ValueError(f"n_group: grouped selection needs router='grouped_sigmoid_topk'; got n_group={n_group}, "
+                             f"topk_group={topk_group} with 'softmax_topk'")
         return
     check_grouped_options(logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
 
 
-def _run(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, count):
-    _check_args(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor)
+def _run(logits, top_k, router, renormalize, bias, n_group, topk_group, routed_scaling_factor, count):
+    _check_args(logits, top_k, router, renormalize, bias, n_group, topk_group, routed_scaling_factor)
     check_device("logits", logits)
     if bias is not None:
         bias = bias.detach()
-    return _topk_route_op(logits, bias, top_k, scoring == "sigmoid", renormalize, n_group, topk_group,
+    return _topk_route_op(logits, bias, top_k, router == "grouped_sigmoid_topk", renormalize, n_group, topk_group,
                           float(routed_scaling_factor), count)
 
 
-def fused_topk(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+def fused_topk(logits: torch.Tensor, top_k: int, *, router: str = "softmax_topk", renormalize: bool = True,
                bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
                routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k routing in one Triton launch (two when ``T`` exceeds one program's rows:
     the counts buffer is zero-filled first).
 
     ``logits`` [T, E] (fp32/fp16/bf16, any strides; math in fp32, ``E <= 1024``).
-    ``scoring="softmax"``: :func:`moe_kernels.routing.softmax_topk` (Mixtral/Qwen with
-    ``renormalize``, OLMoE without). ``scoring="sigmoid"``:
+    ``router="softmax_topk"``: :func:`moe_kernels.routing.softmax_topk` (Mixtral/Qwen with
+    ``renormalize``, OLMoE without). ``router="grouped_sigmoid_topk"``:
     :func:`moe_kernels.routing.grouped_sigmoid_topk` (DeepSeek-V3: selection ``bias``
     [E], ``n_group`` groups of which ``topk_group`` stay). Weights are multiplied by
     ``routed_scaling_factor`` in both modes.
 
     Returns ``ids`` [T, k] int32, ``weights`` [T, k] float32 (differentiable w.r.t.
     ``logits``) and ``counts`` [E] int32 (chosen slots per expert)."""
-    ids, w, counts, _ = _run(logits, top_k, scoring, renormalize, bias, n_group, topk_group,
+    ids, w, counts, _ = _run(logits, top_k, router, renormalize, bias, n_group, topk_group,
                              routed_scaling_factor, True)
     return ids, w, counts
 
 
-def route_topk(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
-               bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-               routed_scaling_factor: float = 1.0) -> Routing:
-    """:func:`fused_topk` as a :class:`~moe_kernels.routing.Routing` (token-major slots),
-    always ONE launch (no counts; the plan recounts). ``losses`` is empty: the Mixtral
-    load-balancing loss needs the full probabilities, compute it from the logits."""
-    t, e = logits.shape if logits.dim() == 2 else (0, 0)
-    ids, w, _, tok = _run(logits, top_k, scoring, renormalize, bias, n_group, topk_group,
-                          routed_scaling_factor, False)
-    return Routing(tok, ids.view(-1), w.view(-1), t, e, top_k, top_k=top_k, losses={})
+def route_fused(logits: torch.Tensor, args: TopkArgs) -> Routing:
+    """The backend's fused top-k entry (the same in every backend): ``args.router``'s
+    routing of ``logits`` [T, E] as a token-major :class:`~moe_kernels.routing.Routing`
+    with the pure-PyTorch router's losses, in ONE launch (no counts: the plan recounts)."""
+    t = logits.shape[0] if logits.dim() == 2 else 0
+    ids, w, _, tok = _run(logits, args.top_k, args.router, args.renormalize, args.bias, args.n_group,
+                          args.topk_group, args.routed_scaling_factor, False)
+    return routing_from_topk(logits, args, ids.view(t, args.top_k), w.view(t, args.top_k), slot_token=tok)
 
 
-def fused_topk_torch(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+def fused_topk_torch(logits: torch.Tensor, top_k: int, *, router: str = "softmax_topk", renormalize: bool = True,
                      bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
                      routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pure-PyTorch twin of :func:`fused_topk` (same signature and results), built
     on :mod:`moe_kernels.routing`; differentiable through PyTorch autograd."""
-    _check_args(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor)
+    _check_args(logits, top_k, router, renormalize, bias, n_group, topk_group, routed_scaling_factor)
     t, e = logits.shape
-    if scoring == "softmax":
+    if router == "softmax_topk":
         r = _ref.softmax_topk(logits, top_k, renormalize=renormalize)
         w = r.slot_weight * routed_scaling_factor if routed_scaling_factor != 1.0 else r.slot_weight
     else:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench_roofline import Roofline
+from .roofline import Roofline
 
 __all__ = ["Timing", "measure_peaks", "time_calls", "cache_bytes", "available_memory_bytes", "memory_budget_bytes",
            "synchronize"]

@@ -40,29 +40,26 @@ each GEMM picks its own ``BLOCK_N``/``BLOCK_K``/warps/stages from its (N, K)):
   one expert's) sweep the N tiles together: the expert's weight tiles are read from
   HBM once and hit L2 for the other 7 blocks at prefill.
 
-Overrides:
+Overrides (:class:`moe_kernels.options.KernelOptions`, passed down by the launchers):
 
-* ``MOE_KERNELS_TRITON_CONFIG="BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3"``
-  pins any subset of the fields for every GEMM (bad text is a ValueError naming the
-  variable).
-* ``MOE_KERNELS_AUTOTUNE=1`` lets ``triton.autotune`` pick ``BLOCK_K``, warps and
+* ``gemm_config={"BLOCK_N": 128, "num_warps": 8}`` (``MOE_KERNELS_TRITON_CONFIG`` supplies
+  the default) pins any subset of the fields for every GEMM of the call.
+* ``autotune=True`` (``MOE_KERNELS_AUTOTUNE=1``) lets ``triton.autotune`` pick ``BLOCK_K``, warps and
   stages among :func:`autotune_configs` on a GPU, keyed on (N, K, dtype, GEMM mode) like
   the heuristic (``BLOCK_M`` stays the plan's and ``BLOCK_N`` the heuristic's).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["GemmConfig", "gemm_config", "layer_block_m", "pinned_config", "autotune_enabled",
-           "autotune_configs", "capability_of", "SHARED_LIMITS", "shared_limit_of", "pipeline_shared_bytes"]
+from ...options import GEMM_FIELDS
 
-ENV_CONFIG = "MOE_KERNELS_TRITON_CONFIG"
-ENV_AUTOTUNE = "MOE_KERNELS_AUTOTUNE"
-_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+__all__ = ["GemmConfig", "gemm_config", "layer_block_m", "autotune_configs", "capability_of", "SHARED_LIMITS", "shared_limit_of", "pipeline_shared_bytes"]
+
+_FIELDS = GEMM_FIELDS
 
 
 @dataclass(frozen=True)
@@ -120,45 +117,19 @@ def capability_of(device: torch.device | str | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def pinned_config() -> dict[str, int]:
-    """The fields pinned by ``MOE_KERNELS_TRITON_CONFIG`` (empty when unset)."""
-    text = os.environ.get(ENV_CONFIG, "").strip()
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, val = item.partition("=")
-        key = key.strip()
-        if not sep or key not in _FIELDS:
-            raise ValueError(f"{ENV_CONFIG}: expected comma-separated NAME=INT with NAME in {list(_FIELDS)}, "
-                             f"got {item!r}")
-        try:
-            out[key] = int(val)
-        except ValueError:
-            raise ValueError(f"{ENV_CONFIG}: expected an int for {key}, got {val.strip()!r}") from None
-    return out
-
-
-def autotune_enabled() -> bool:
-    return os.environ.get(ENV_AUTOTUNE, "0") == "1"
-
-
-def layer_block_m(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                  capability: tuple[int, int]) -> int:
-    """The row-block size shared by a layer's GEMMs (the plan is padded to it)."""
-    pin = pinned_config().get("BLOCK_M")
-    if pin is not None:
-        return GemmConfig(BLOCK_M=pin).BLOCK_M
+def layer_block_m(capability: tuple[int, int], pin: dict[str, int] | None = None) -> int:
+    """The row-block size shared by a layer's GEMMs (the plan is padded to it); a pinned
+    ``BLOCK_M`` (``KernelOptions.gemm_config``) wins."""
+    if pin and "BLOCK_M" in pin:
+        return GemmConfig(BLOCK_M=pin["BLOCK_M"]).BLOCK_M
     if capability == (0, 0):
         return 16  # the interpreter: numpy is fastest with few, small programs of work
     return 64
 
 
 def gemm_config(num_experts: int, n: int, k: int, dtype: torch.dtype, capability: tuple[int, int],
-                block_m: int, gated_b: bool = False, heavy_epilogue: bool = False) -> GemmConfig:
+                block_m: int, gated_b: bool = False, heavy_epilogue: bool = False,
+                pin: dict[str, int] | None = None) -> GemmConfig:
     """Config of one grouped GEMM ``[rows, k] x [E, n, k]^T``; ``gated_b`` says the B
     tile is doubled (GEMM1 of a gated activation: gate and up rows); ``heavy_epilogue``
     (the activation backward: five fp32 tiles live at once) caps ``BLOCK_N`` at 64 and
@@ -178,7 +149,6 @@ def gemm_config(num_experts: int, n: int, k: int, dtype: torch.dtype, capability
                                                    stages) > limit:
             stages -= 1
         cfg = GemmConfig(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-    pin = pinned_config()
     if pin:
         pin = dict(pin)
         pin.pop("BLOCK_M", None)  # the plan's block size wins; layer_block_m already read it
@@ -187,7 +157,7 @@ def gemm_config(num_experts: int, n: int, k: int, dtype: torch.dtype, capability
 
 
 def autotune_configs() -> list[tuple[dict, int, int]]:
-    """Candidates for ``MOE_KERNELS_AUTOTUNE=1``: ``({"BLOCK_K": bk}, num_warps,
+    """Candidates for ``autotune=True`` (``MOE_KERNELS_AUTOTUNE=1``): ``({"BLOCK_K": bk}, num_warps,
     num_stages)``. BLOCK_M is the plan's and BLOCK_N the heuristic's (buffer shapes
     depend on them); configs that do not fit in shared memory are skipped by Triton."""
     return [({"BLOCK_K": bk}, w, st) for bk in (32, 64, 128) for w in (4, 8) for st in (3, 4, 5)]

@@ -11,7 +11,7 @@ before each optimizer step and :meth:`ExpertParallelMoE.broadcast_replicated_` o
 
 Forward on rank ``r`` with its batch ``x_r`` [T_r, H]:
 
-1. route locally with the same routers (:func:`moe_kernels.parallel_routing.route_local`);
+1. route locally with the same routers (:func:`moe_kernels.parallel.routing.route_local`);
    Switch and Expert Choice exchange what their *global* capacity needs (below);
 2. count exchange: one ``all_to_all_single`` of an [R, E_local + 3] int64 table per
    rank (rows sent to each expert of each rank, ``T_r``, a failure flag, the
@@ -30,7 +30,7 @@ Forward on rank ``r`` with its batch ``x_r`` [T_r, H]:
    routers without losses).
 
 Backward mirrors it through autograd: the all-to-alls are autograd Functions whose
-backward is the reverse exchange (:mod:`moe_kernels.parallel_comm`).
+backward is the reverse exchange (:mod:`moe_kernels.parallel.comm`).
 
 Equality target: the layer on ``R`` ranks with batches ``x_0..x_{R-1}`` equals
 :class:`~moe_kernels.layer.MoE` with all experts (same weights) on
@@ -91,16 +91,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .activations import Activation
-from .backends import get_backend
-from .backends.torch_backend import combine_slots, zero_link
-from .functional import check_inputs
-from .layer import MoE, MoEConfig, add_parameters, router_options
-from .params import ExpertParams, expert_params
-from .parallel_comm import all_to_all, group_rank_world
-from .parallel_routing import LocalRouting, raise_if_failed, route_local
-from .plan import build_plan_torch
-from .routing import Routing
+from ..activations import Activation
+from ..backends import get_backend
+from ..primitives import combine_slots, zero_link
+from ..functional import check_inputs
+from ..layer import MoE, MoEConfig, add_parameters, router_options
+from ..options import KernelOptions
+from ..params import ExpertParams, expert_params
+from .comm import all_to_all, group_rank_world
+from .routing import LocalRouting, raise_if_failed, route_local
+from ..plan import build_plan_torch
+from ..routing import Routing, router_jitter, weighted_aux_loss
 
 __all__ = ["ExpertParallelMoE", "expert_parallel_experts", "expert_parallel_moe", "local_expert_range"]
 
@@ -126,6 +127,7 @@ def expert_parallel_experts(
     backend: str = "auto",
     num_global_tokens: int | None = None,
     stats: dict | None = None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Dispatch this rank's slots to the ranks that own their experts, run the local
     experts (``params``: this rank's ``E_local`` experts) on what arrives, bring the
@@ -179,7 +181,7 @@ def expert_parallel_experts(
         weight_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         inner = Routing(torch.arange(n_recv, device=dev, dtype=torch.int32), local_ids,
                         torch.ones(n_recv, dtype=weight_dtype, device=dev), n_recv, e_local, 1, top_k=1)
-        y = impl.experts(recv_rows, impl.plan(inner, params), params)
+        y = impl.experts(recv_rows, impl.plan(inner, params, options), params, options)
     else:
         y = recv_rows * 0
         link = zero_link(params.w13, params.w2, params.b13, params.b2)
@@ -363,9 +365,7 @@ class ExpertParallelMoE(nn.Module):
             x2d = x.reshape(-1, c.hidden_size).contiguous()
             params = expert_params(self.w13, self.w2, self.b13, self.b2, activation=self.activation)
             check_inputs(x2d, params)
-            router_in = x2d
-            if c.router == "switch" and self.training and c.jitter_eps > 0:
-                router_in = x2d * torch.empty_like(x2d).uniform_(1.0 - c.jitter_eps, 1.0 + c.jitter_eps)
+            router_in = router_jitter(x2d, c.jitter_eps, self.training) if c.router == "switch" else x2d
             logits = router_in @ self.router_weight.t()
             options = router_options(self.config, self.selection_bias)
             if c.router == "noisy_topk":
@@ -385,12 +385,10 @@ class ExpertParallelMoE(nn.Module):
         if local.failure is not None and failure is None:
             x2d = x2d.new_zeros(0, c.hidden_size)  # routing failed here: the empty batch goes on
         stats: dict = {}
-        out = expert_parallel_experts(x2d, local, params, self.group, backend=c.backend,
+        out = expert_parallel_experts(x2d, local, params, self.group, backend=c.backend, options=c.kernel_options(),
                                       num_global_tokens=num_global_tokens, stats=stats)
         self.last_dispatch = {**stats, **{k: v for k, v in local.info.items() if k != "tokens_per_rank"}}
         losses = local.finish_losses(self.group, local.info["num_global_tokens"])
         self.losses = losses
-        balance = sum((v for k, v in losses.items() if k in ("load_balancing", "importance", "load")),
-                      start=x2d.new_zeros((), dtype=torch.float32))
-        self.aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * losses.get("z_loss", 0.0)
+        self.aux_loss = weighted_aux_loss(losses, c.aux_loss_coef, c.z_loss_coef, x2d)
         return out.reshape(x.shape)

@@ -1,8 +1,10 @@
 """Triton kernels of the ``triton`` backend, one module per op.
 
 Importing this package imports nothing heavy: each module (``routing``, ``plan``,
-``wgrad``, ``aot``, the GEMMs) imports Triton itself, so ``import moe_kernels`` keeps
-working where Triton is not installed.
+``experts``, ``gemm``, ``combine``, ``wgrad``) imports Triton itself, so
+``import moe_kernels`` keeps working where Triton is not installed. The public surface
+another backend may use is :func:`unavailable_reason` here and
+:func:`moe_kernels.backends.triton.experts.moe_experts` (the CUDA backend runs its GEMMs).
 """
 
 from __future__ import annotations
@@ -10,11 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["interpreting", "check_device", "on_device", "MAX_EXPERTS"]
-
-# Widest routing and plan kernels: one program holds a [rows, next_pow2(E)] tile of
-# scores or one-hot ids; past this the backend uses the pure-PyTorch plan and routers.
-MAX_EXPERTS = 1024
+__all__ = ["interpreting", "check_device", "on_device", "unavailable_reason"]
 
 
 def interpreting() -> bool:
@@ -46,3 +44,24 @@ def on_device(t):
     if dev.type == "cuda":
         return torch.cuda.device(dev)
     return contextlib.nullcontext()
+
+
+def unavailable_reason(device) -> str | None:
+    """``None`` if Triton kernels can run on ``device``, else why not and what to use."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available in this PyTorch build or on this machine"
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 0):
+            return (f"the triton backend needs a GPU of compute capability 8.0 or newer (Ampere); "
+                    f"this one is {major}.{minor}: use backend='torch'")
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return ("the triton backend runs on CUDA GPUs; on the CPU only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton; slow, for tests): use backend='torch'")
+    return f"the triton backend runs on CUDA GPUs, not on device type {device.type!r}: use backend='torch'"

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton kernels for a GPU architecture, without a GPU.
+"""Test tooling: ahead-of-time compilation of Triton kernels for a GPU architecture, without a GPU.
 
 :func:`compile_for` runs Triton's whole compiler (TTIR → TTGIR → LLVM → PTX → cubin via
 ptxas) for ``sm_<arch>`` on a machine with no GPU, and reports what a test can check:
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 # SHARED_LIMITS: the largest dynamic shared memory one CTA may use
 # (cudaDevAttrMaxSharedMemoryPerBlockOptin), the table the config heuristic sizes its
 # pipelines with.
-from . import interpreting
-from .configs import SHARED_LIMITS
+from moe_kernels.backends.triton import interpreting
+from moe_kernels.backends.triton.configs import SHARED_LIMITS
 
 __all__ = ["CompiledInfo", "compile_for", "compile_many", "shared_limit", "SHARED_LIMITS"]
 
@@ -202,7 +202,7 @@ def _compile_in_workers(prepared, raise_errors):
             with open(jobs_path, "wb") as f:
                 pickle.dump([prepared[i][1:] for i in share], f)
             cmd = [sys.executable, "-c",
-                   f"from moe_kernels.triton.aot import _child_main; _child_main({jobs_path!r}, {out_path!r})"]
+                   f"from aot import _child_main; _child_main({jobs_path!r}, {out_path!r})"]
             procs.append((share, out_path, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                                             stderr=subprocess.PIPE, text=True)))
         for share, out_path, proc in procs:

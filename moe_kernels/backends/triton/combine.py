@@ -17,7 +17,7 @@ The fused combine and the prologue read ``token_slots`` rows ``KS_BLOCK`` (<= 16
 columns at a time: Expert Choice and dense routings have ``KS = E`` columns, and one
 [rows, E] int32 tile would spill.
 
-Separate (``_combine_fwd_kernel``): the fallback (``MOE_KERNELS_COMBINE=separate``),
+Separate (``_combine_fwd_kernel``): the fallback (``combine="separate"``),
 one extra launch, and the reference the fused path is checked against bit for bit: both
 sum the same ``y`` values in fp32 in ``token_slots`` column order. A token with no
 valid slot gets a zero row. No backward of its own: the experts' autograd (ops.py)
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.torch_backend import combine_slots
+from ...primitives import combine_slots
 from . import on_device
 
 __all__ = ["combine", "combine_torch", "ks_block"]
@@ -189,7 +189,7 @@ def combine(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None
 
 def combine_torch(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch twin of :func:`combine`: the torch backend's
-    :func:`~moe_kernels.backends.torch_backend.combine_slots` on fp32 rows, rounded to
+    :func:`~moe_kernels.primitives.combine_slots` on fp32 rows, rounded to
     ``out``'s dtype. It sums the same values in fp32, possibly in another association
     order than the kernel (equal to fp32 rounding, not bit for bit)."""
     out = _check(y, token_slots, out)

@@ -6,14 +6,14 @@ a precomputed routing, the same with routing + plan (``:layer``), routing + plan
 (``:routing``), the reference loop, HF transformers' ``eager`` and ``grouped_mm``
 experts, a plain ``torch._grouped_mm`` pipeline). Every cell reports the median time,
 TFLOP/s, GB/s and the fraction of the roofline with peaks measured in the same run
-(:mod:`moe_kernels.bench_roofline`, docs/PERFORMANCE.md). Output: a table on the
+(:mod:`moe_kernels.bench.roofline`, docs/PERFORMANCE.md). Output: a table on the
 terminal, ``results.csv`` (one row per cell, tagged with device, versions, commit and
 date), ``results.md`` and ``roofline.png`` in ``--out``.
 
 On the CPU the default is ``--size small`` (H and I divided by 16, T in 1, 16, 128):
 about a minute on two cores. Interfaces for the CLI: :func:`add_bench_arguments`,
 :func:`run_bench`, :func:`add_gpu_check_arguments`, :func:`run_gpu_check`;
-``python -m moe_kernels.benchmark`` runs :func:`main`.
+``python -m moe_kernels.bench.run`` runs :func:`main`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .bench_roofline import (
+from .roofline import (
     SIZES,
     Roofline,
     expert_weight_bytes,
@@ -35,7 +35,7 @@ from .bench_roofline import (
     parse_shapes,
     scaled_shape,
 )
-from .bench_timing import available_memory_bytes, cache_bytes, measure_peaks, memory_budget_bytes, time_calls
+from .timing import available_memory_bytes, cache_bytes, measure_peaks, memory_budget_bytes, time_calls
 
 __all__ = ["add_bench_arguments", "run_bench", "add_gpu_check_arguments", "run_gpu_check", "main"]
 
@@ -87,7 +87,7 @@ def _int_list(name: str, spec: str) -> list[int]:
 
 
 def _resolve(args: argparse.Namespace) -> dict:
-    from .bench_providers import parse_providers
+    from .providers import parse_providers
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -116,7 +116,7 @@ def _resolve(args: argparse.Namespace) -> dict:
 
 def _cell(prov, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict, base: dict) -> dict:
     """Time one cell; returns its row (status ok / skipped / error)."""
-    from .bench_providers import build_calls
+    from .providers import build_calls
 
     device, dtype = cfg["device"], cfg["dtype"]
     row = dict(base, provider=prov.name)
@@ -167,8 +167,8 @@ def _command_line(args: argparse.Namespace, cfg: dict) -> str:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the grid; prints the table, writes CSV, markdown and PNG. Exit code 0, or 1
     if a cell failed with an error (skipped cells are not errors), 2 on bad flags."""
-    from .bench_providers import PROVIDERS, make_inputs, make_weights, rotation_copies
-    from .bench_report import CsvWriter, Progress, format_seconds, format_table, run_metadata, write_plot
+    from .providers import PROVIDERS, make_inputs, make_weights, rotation_copies
+    from .report import CsvWriter, Progress, format_seconds, format_table, run_metadata, write_plot
 
     if getattr(args, "_bench_error", None):
         print(f"moe-kernels bench: {args._bench_error}", file=sys.stderr)
@@ -282,7 +282,7 @@ def run_gpu_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_kernels.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moe_kernels.bench.run", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))
 

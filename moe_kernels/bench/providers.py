@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .activations import Activation, apply_activation
-from .backends import BACKEND_NAMES, available_backends, get_backend
-from .bench_roofline import ModelShape, expert_weight_bytes
-from .functional import fused_experts, moe
-from .params import ExpertParams, expert_params
-from .reference import moe_reference
-from .routing import Routing, softmax_topk
+from ..activations import Activation, apply_activation
+from ..backends import BACKEND_NAMES, available_backends, get_backend
+from .roofline import ModelShape, expert_weight_bytes
+from ..functional import fused_experts, moe
+from ..params import ExpertParams, expert_params
+from ..reference import moe_reference
+from ..routing import Routing, softmax_topk
 
 __all__ = ["Weights", "Inputs", "Provider", "PROVIDERS", "make_weights", "make_inputs", "build_calls",
            "default_providers", "parse_providers", "rotation_copies"]

@@ -3,7 +3,7 @@ tests passed/failed per test file (from the ``pytest -v`` logs, so a run cut sho
 its timeout still counts what finished), and the best fraction of the roofline per
 shape and T from every ``*/results.csv`` of the run.
 
-``python -m moe_kernels.bench_gpucheck OUTDIR`` prints it and writes OUTDIR/summary.txt.
+``python -m moe_kernels.bench.gpucheck OUTDIR`` prints it and writes OUTDIR/summary.txt.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 
-from .bench_report import read_csv
+from .report import read_csv
 
 __all__ = ["parse_pytest_log", "summarize", "main"]
 
@@ -139,7 +139,7 @@ def summarize(outdir: str) -> tuple[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m moe_kernels.bench_gpucheck OUTDIR", file=sys.stderr)
+        print("usage: python -m moe_kernels.bench.gpucheck OUTDIR", file=sys.stderr)
         return 2
     text, ok = summarize(argv[0])
     with open(os.path.join(argv[0], "summary.txt"), "w") as f:

@@ -7,8 +7,8 @@ output rows of tokens without a valid slot. GEMM2 multiplies h by W2[e]^T, adds 
 scales by the slot weight, writes y [S, H] and combines each token's rows into
 out [T, H] in the epilogue (deterministic; see gemm.py). With routing (1 launch,
 routing.py) and the plan (1 launch, plan.py) a top-k layer forward is 4 launches.
-``combine="separate"`` (or ``MOE_KERNELS_COMBINE=separate``) runs the combine as its
-own kernel instead (5 launches; same bits).
+``combine="separate"`` (:class:`~moe_kernels.options.KernelOptions`) runs the combine as
+its own kernel instead (5 launches; same bits).
 
 Backward (``moe_kernels::experts_bwd``, 4 launches, 5 with ``recompute_h``):
 
@@ -34,30 +34,31 @@ every router (torch ops or the fused routing op) trains through it.
 Custom ops (namespace ``moe_kernels``, each with a fake implementation, so
 ``torch.compile(fullgraph=True)`` traces them and CUDA graphs capture them):
 
-* ``experts_fwd`` (allocating; autograd registered, backward = ``experts_bwd``) and
-  ``experts_fwd_out`` (inference into a caller's buffer, static for CUDA graphs);
-* ``experts_bwd``: every gradient in one op (opaque to the compiler, like the forward);
-* ``combine_slots`` / ``combine_slots_out``: the separate combine kernel.
+* ``experts_fwd_out``: inference into a given buffer (static addresses for CUDA graphs);
+  :func:`moe_experts` without gradients allocates the buffer and calls it;
+* ``experts_fwd`` (allocating, for training; autograd registered, backward = ``experts_bwd``);
+* ``experts_bwd``: every gradient in one op (opaque to the compiler, like the forward).
 
 Each op launches on its inputs' GPU and that GPU's current stream, whatever the
 current device (``on_device``: Triton launches on the current one).
 
 GEMM1 and GEMM2 are not separate ops: GEMM1's prologue prepares GEMM2's fused combine
 (zeroed counters, zero rows), a contract between two launches that an op boundary would
-expose to reordering; :func:`moe_kernels.triton.gemm.grouped_gemm` is the Python-level
+expose to reordering; :func:`moe_kernels.backends.triton.gemm.grouped_gemm` is the Python-level
 launcher of each GEMM (buffers given or allocated) for anyone composing their own.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..activations import Activation
-from ..params import ExpertParams
-from ..plan import DispatchPlan
+from ...activations import Activation
+from ...options import GEMM_FIELDS, KernelOptions, resolve
+from ...params import ExpertParams
+from ...plan import DispatchPlan
 from . import check_device, on_device
 from .combine import combine as combine_launch
 from .combine import combine_torch
@@ -65,58 +66,57 @@ from .configs import capability_of, gemm_config
 from .gemm import Prologue, grouped_gemm, grouped_gemm_torch
 from .wgrad import expert_bias_grad, expert_weight_grad
 
-__all__ = ["moe_experts", "moe_experts_torch", "plan_args", "combine_mode", "recompute_default"]
+__all__ = ["moe_experts", "moe_experts_torch", "plan_args"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ENV_COMBINE = "MOE_KERNELS_COMBINE"
-ENV_RECOMPUTE = "MOE_KERNELS_RECOMPUTE_H"
 
 # Allocation hook: tests replace it to pre-fill every output with poison.
 _empty = torch.empty
 
 
-def combine_mode(mode: str | None = None) -> str:
-    """``"fused"`` (default) or ``"separate"``, from the argument or ``MOE_KERNELS_COMBINE``."""
-    mode = mode if mode is not None else os.environ.get(ENV_COMBINE, "fused")
-    if mode not in ("fused", "separate"):
-        raise ValueError(f"combine: expected 'fused' or 'separate' (also via {ENV_COMBINE}), got {mode!r}")
-    return mode
+@dataclass(frozen=True)
+class _Tuning:
+    """What the launch sequence needs of the resolved :class:`~moe_kernels.options.KernelOptions`."""
+
+    pin: dict
+    autotune: bool
+
+    def config(self, e, n, k, dtype, cap, block_m, **kw):
+        return gemm_config(e, n, k, dtype, cap, block_m, pin=self.pin, **kw)
+
+    def as_op_args(self) -> tuple[list[int], bool]:
+        # Custom-op arguments: the pin as one int per GEMM field (0 = not pinned).
+        return [self.pin.get(f, 0) for f in GEMM_FIELDS], self.autotune
+
+    @staticmethod
+    def from_op_args(pin: Optional[list[int]], autotune: bool) -> "_Tuning":
+        return _Tuning({f: v for f, v in zip(GEMM_FIELDS, pin or ()) if v}, bool(autotune))
 
 
-def recompute_default() -> bool:
-    return os.environ.get(ENV_RECOMPUTE, "0") == "1"
-
-
-# --------------------------------------------------------------------------- plan <-> op args
-
-_PLAN_FIELDS = ("slot_token", "slot_expert", "expert_counts", "expert_offsets", "sorted_slot", "slot_position",
-                "padded_offsets", "padded_slot", "block_expert", "token_slots")
+_DEFAULT_TUNING = _Tuning({}, False)
 
 
 def plan_args(plan: DispatchPlan) -> tuple[list[torch.Tensor], list[int]]:
-    """The plan as custom-op arguments: its index tensors and its sizes."""
-    return ([getattr(plan, f) for f in _PLAN_FIELDS],
-            [plan.num_tokens, plan.num_experts, plan.block_m, plan.max_slots_per_token, plan.top_k or 0])
+    """The plan as custom-op arguments (:meth:`DispatchPlan.op_args`)."""
+    return plan.op_args()
 
 
-def _plan_from(idx: list[torch.Tensor], meta: list[int], slot_weight: torch.Tensor) -> DispatchPlan:
-    t, e, bm, k, top_k = meta
-    return DispatchPlan(num_tokens=t, num_experts=e, block_m=bm, max_slots_per_token=k,
-                        slot_weight=slot_weight, top_k=top_k or None, **dict(zip(_PLAN_FIELDS, idx)))
+_plan_from = DispatchPlan.from_op_args
 
 
 # --------------------------------------------------------------------------- launch sequences
 
 
-def _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, act, interleaved, save_pre, combine, gemm=grouped_gemm,
-                  comb=combine_launch, out=None):
+def _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, act, interleaved, save_pre, combine,
+                  tuning=_DEFAULT_TUNING, gemm=grouped_gemm, comb=combine_launch, out=None):
     t, h = x.shape
     e, n_i, _ = w13.shape
     i = w2.shape[2]
     s = plan.num_slots
     cap = capability_of(x.device)
-    cfg1 = gemm_config(e, i, h, x.dtype, cap, plan.block_m, gated_b=act.gated)
-    cfg2 = gemm_config(e, h, i, x.dtype, cap, plan.block_m)
+    cfg1 = tuning.config(e, i, h, x.dtype, cap, plan.block_m, gated_b=act.gated)
+    cfg2 = tuning.config(e, h, i, x.dtype, cap, plan.block_m)
+    tune = {"autotune": tuning.autotune} if gemm is grouped_gemm else {}
     out = _empty((t, h), dtype=x.dtype, device=x.device) if out is None else out
     pre = _empty((s if save_pre else 0, n_i), dtype=x.dtype, device=x.device)
     if plan.num_blocks == 0:  # no slot at all: no program would run a prologue
@@ -126,19 +126,19 @@ def _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, act, interleaved, save
     counters = _empty((t * -(-h // cfg2.BLOCK_N),), dtype=torch.int32, device=x.device) if fused else None
     gemm(x, w13, plan, a_rows="token", epilogue="act", activation=act, interleaved=interleaved, bias=b13,
          store_pre=save_pre, c=hbuf, pre=pre if save_pre else None,
-         prologue=Prologue(counters=counters, out=out) if fused else None, config=cfg1)
+         prologue=Prologue(counters=counters, out=out) if fused else None, config=cfg1, **tune)
     if fused:
         gemm(hbuf, w2, plan, a_rows="slot", bias=b2, row_scale=True, combine="fused", out=out, counters=counters,
-             c=_empty((s, h), dtype=x.dtype, device=x.device), config=cfg2)
+             c=_empty((s, h), dtype=x.dtype, device=x.device), config=cfg2, **tune)
     else:
         y = gemm(hbuf, w2, plan, a_rows="slot", bias=b2, row_scale=True,
-                 c=_empty((s, h), dtype=x.dtype, device=x.device), config=cfg2).c
+                 c=_empty((s, h), dtype=x.dtype, device=x.device), config=cfg2, **tune).c
         comb(y, plan.token_slots, out=out)
     return out, pre
 
 
 def _backward_impl(dout, x, w13, w2, b13, b2, slot_weight, pre, plan, act, interleaved, combine, needs,
-                   gemm=grouped_gemm, comb=combine_launch, wgrad=expert_weight_grad):
+                   tuning=_DEFAULT_TUNING, gemm=grouped_gemm, comb=combine_launch, wgrad=expert_weight_grad):
     t, h = x.shape
     e, n_i, _ = w13.shape
     i = w2.shape[2]
@@ -156,12 +156,13 @@ def _backward_impl(dout, x, w13, w2, b13, b2, slot_weight, pre, plan, act, inter
         for g in (dx, dsw, dw13, dw2, db13, db2):
             g.zero_()
         return dx, dw13, dw2, db13, db2, dsw
+    tune = {"autotune": tuning.autotune} if gemm is grouped_gemm else {}
     if pre.shape[0] == 0:  # recompute_h
-        cfg1 = gemm_config(e, i, h, dt, cap, plan.block_m, gated_b=act.gated)
+        cfg1 = tuning.config(e, i, h, dt, cap, plan.block_m, gated_b=act.gated)
         pre = gemm(x, w13, plan, a_rows="token", epilogue="act", activation=act, interleaved=interleaved, bias=b13,
-                   store_c=False, store_pre=True, pre=_empty((s, n_i), dtype=dt, device=dev), config=cfg1).pre
-    cfg_dh = gemm_config(e, i, h, dt, cap, plan.block_m, heavy_epilogue=True)
-    cfg_dx = gemm_config(e, h, n_i, dt, cap, plan.block_m)
+                   store_c=False, store_pre=True, pre=_empty((s, n_i), dtype=dt, device=dev), config=cfg1, **tune).pre
+    cfg_dh = tuning.config(e, i, h, dt, cap, plan.block_m, heavy_epilogue=True)
+    cfg_dx = tuning.config(e, h, n_i, dt, cap, plan.block_m)
     fused = combine == "fused"
     counters = _empty((t * -(-h // cfg_dx.BLOCK_N),), dtype=torch.int32, device=dev) if fused else None
     w2t = w2.transpose(1, 2)  # [E, I, H] view: dOut @ W2[e]
@@ -169,14 +170,14 @@ def _backward_impl(dout, x, w13, w2, b13, b2, slot_weight, pre, plan, act, inter
               pre=pre, store_h=need_w2, bias_dot=b2, c=_empty((s, n_i), dtype=dt, device=dev),
               h=_empty((s, i), dtype=dt, device=dev) if need_w2 else None,
               wpart=_empty((s, -(-i // cfg_dh.BLOCK_N)), dtype=torch.float32, device=dev),
-              prologue=Prologue(counters=counters, out=dx if fused else None, zero_f32=dsw), config=cfg_dh)
+              prologue=Prologue(counters=counters, out=dx if fused else None, zero_f32=dsw), config=cfg_dh, **tune)
     w13t = w13.transpose(1, 2)  # [E, H, nI] view: dh13 @ W13[e]
     if fused:
         gemm(d1.c, w13t, plan, a_rows="slot", combine="fused", out=dx, counters=counters, dw_final=True,
-             wpart=d1.wpart, dw=dsw, c=_empty((s, h), dtype=dt, device=dev), config=cfg_dx)
+             wpart=d1.wpart, dw=dsw, c=_empty((s, h), dtype=dt, device=dev), config=cfg_dx, **tune)
     else:
         dxs = gemm(d1.c, w13t, plan, a_rows="slot", dw_final=True, wpart=d1.wpart, dw=dsw,
-                   c=_empty((s, h), dtype=dt, device=dev), config=cfg_dx).c
+                   c=_empty((s, h), dtype=dt, device=dev), config=cfg_dx, **tune).c
         comb(dxs, plan.token_slots, out=dx)
     if need_w13:
         wgrad(x, "token", d1.c, "slot", plan, out=dw13, bias_out=db13 if db13.numel() else None)
@@ -209,16 +210,17 @@ def _grad_buffer(w: torch.Tensor) -> torch.Tensor:
 def _experts_fwd_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor],
                     b2: Optional[torch.Tensor], slot_weight: torch.Tensor, plan_idx: list[torch.Tensor],
                     plan_meta: list[int], activation: str, alpha: float, limit: float, interleaved: bool,
-                    save_pre: bool, combine: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    save_pre: bool, combine: str, gemm_pin: Optional[list[int]] = None,
+                    autotune: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan_from(plan_idx, plan_meta, slot_weight)
     with on_device(x):
         return _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, Activation(activation, alpha, limit),
-                             interleaved, save_pre, combine)
+                             interleaved, save_pre, combine, _Tuning.from_op_args(gemm_pin, autotune))
 
 
 @_experts_fwd_op.register_fake
 def _(x, w13, w2, b13, b2, slot_weight, plan_idx, plan_meta, activation, alpha, limit, interleaved, save_pre,
-      combine):
+      combine, gemm_pin=None, autotune=False):
     s = plan_idx[0].shape[0]
     return x.new_empty(x.shape), x.new_empty((s if save_pre else 0, w13.shape[1]))
 
@@ -228,17 +230,19 @@ def _experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: 
                     b13: Optional[torch.Tensor], b2: Optional[torch.Tensor], slot_weight: torch.Tensor,
                     pre: torch.Tensor, plan_idx: list[torch.Tensor], plan_meta: list[int], activation: str,
                     alpha: float, limit: float, interleaved: bool, combine: str,
-                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor, torch.Tensor]:
+                    needs: list[bool], gemm_pin: Optional[list[int]] = None,
+                    autotune: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]:
     plan = _plan_from(plan_idx, plan_meta, slot_weight)
     with on_device(x):
         return _backward_impl(dout.contiguous(), x, w13, w2, b13, b2, slot_weight, pre, plan,
-                              Activation(activation, alpha, limit), interleaved, combine, needs)
+                              Activation(activation, alpha, limit), interleaved, combine, needs,
+                              _Tuning.from_op_args(gemm_pin, autotune))
 
 
 @_experts_bwd_op.register_fake
 def _(dout, x, w13, w2, b13, b2, slot_weight, pre, plan_idx, plan_meta, activation, alpha, limit, interleaved,
-      combine, needs):
+      combine, needs, gemm_pin=None, autotune=False):
     e, n_i, h = w13.shape
     s = plan_idx[0].shape[0]
 
@@ -250,20 +254,23 @@ def _(dout, x, w13, w2, b13, b2, slot_weight, pre, plan_idx, plan_meta, activati
 
 
 def _setup_context(ctx, inputs, output):
-    x, w13, w2, b13, b2, sw, idx, meta, act, alpha, limit, inter, _save_pre, comb = inputs
+    x, w13, w2, b13, b2, sw, idx, meta, act, alpha, limit, inter, _save_pre, comb, *tuning = inputs
+    pin, autotune = (*tuning, None, False)[:2]
     ctx.save_for_backward(x, w13, w2, b13, b2, sw, output[1], *idx)
-    ctx.meta, ctx.act, ctx.inter, ctx.comb = list(meta), (act, alpha, limit), inter, comb
+    ctx.meta, ctx.act, ctx.inter, ctx.comb, ctx.tuning = list(meta), (act, alpha, limit), inter, comb, (pin, autotune)
     ctx.mark_non_differentiable(output[1])
 
 
 def _experts_backward(ctx, dout, _dpre):
     x, w13, w2, b13, b2, sw, pre, *idx = ctx.saved_tensors
     needs = [bool(v) for v in ctx.needs_input_grad[:6]]
-    rest = ([None] * len(idx),) + (None,) * 7  # plan tensors, sizes and options get no gradient
+    # No gradient for the plan tensors, sizes and options. The dispatcher drops trailing
+    # arguments equal to their defaults, so count the ones it passed.
+    rest = ([None] * len(idx),) + (None,) * (len(ctx.needs_input_grad) - 7)
     if dout is None or not any(needs):
         return (None,) * 6 + rest
     dx, dw13, dw2, db13, db2, dsw = _experts_bwd_op(dout, x, w13, w2, b13, b2, sw, pre, idx, ctx.meta, *ctx.act,
-                                                    ctx.inter, ctx.comb, needs)
+                                                    ctx.inter, ctx.comb, needs, *ctx.tuning)
     return (dx if needs[0] else None, dw13 if needs[1] else None, dw2 if needs[2] else None,
             db13 if (needs[3] and b13 is not None) else None, db2 if (needs[4] and b2 is not None) else None,
             dsw.to(sw.dtype) if needs[5] else None) + rest
@@ -276,7 +283,8 @@ _experts_fwd_op.register_autograd(_experts_backward, setup_context=_setup_contex
 def _experts_fwd_out_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor],
                         b2: Optional[torch.Tensor], slot_weight: torch.Tensor, plan_idx: list[torch.Tensor],
                         plan_meta: list[int], activation: str, alpha: float, limit: float, interleaved: bool,
-                        combine: str, out: torch.Tensor) -> None:
+                        combine: str, out: torch.Tensor, gemm_pin: Optional[list[int]] = None,
+                        autotune: bool = False) -> None:
     """Inference forward into a caller's buffer (static addresses for CUDA graphs); no autograd."""
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, got "
@@ -284,33 +292,12 @@ def _experts_fwd_out_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b1
     plan = _plan_from(plan_idx, plan_meta, slot_weight)
     with on_device(x):
         _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, Activation(activation, alpha, limit), interleaved,
-                      False, combine, out=out)
+                      False, combine, _Tuning.from_op_args(gemm_pin, autotune), out=out)
 
 
 @_experts_fwd_out_op.register_fake
-def _(x, w13, w2, b13, b2, slot_weight, plan_idx, plan_meta, activation, alpha, limit, interleaved, combine, out):
-    return None
-
-
-@torch.library.custom_op("moe_kernels::combine_slots", mutates_args=())
-def _combine_slots_op(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_j y[token_slots[t, j]]`` (the separate combine kernel)."""
-    return combine_launch(y, token_slots, out=_empty((token_slots.shape[0], y.shape[1]), dtype=y.dtype,
-                                                     device=y.device))
-
-
-@_combine_slots_op.register_fake
-def _(y, token_slots):
-    return y.new_empty((token_slots.shape[0], y.shape[1]))
-
-
-@torch.library.custom_op("moe_kernels::combine_slots_out", mutates_args=("out",))
-def _combine_slots_out_op(y: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
-    combine_launch(y, token_slots, out=out)
-
-
-@_combine_slots_out_op.register_fake
-def _(y, token_slots, out):
+def _(x, w13, w2, b13, b2, slot_weight, plan_idx, plan_meta, activation, alpha, limit, interleaved, combine, out,
+      gemm_pin=None, autotune=False):
     return None
 
 
@@ -326,32 +313,44 @@ def _check(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> None:
                          f"{plan.num_tokens} and {plan.num_experts}")
 
 
-def moe_experts(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, *, recompute_h: bool | None = None,
-                combine: str | None = None) -> torch.Tensor:
+def moe_experts(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, options: KernelOptions | None = None, *,
+                recompute_h: bool | None = None, combine: str | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """The expert computation of the triton backend: ``out[t] = sum_s w[s] * Expert_e(x[t])``,
     differentiable in ``x``, the weights, the biases and ``plan.slot_weight``.
 
-    ``recompute_h`` (default ``MOE_KERNELS_RECOMPUTE_H=1``): save no pre-activation and
-    recompute it in backward (see the module docstring for the trade-off). ``combine``:
-    ``"fused"`` (default, ``MOE_KERNELS_COMBINE``) or ``"separate"``."""
+    ``options`` (:class:`~moe_kernels.options.KernelOptions`; the keywords ``recompute_h``
+    and ``combine`` override its fields): ``recompute_h`` saves no pre-activation and
+    recomputes it in backward (see the module docstring for the trade-off); ``combine``
+    is ``"fused"`` or ``"separate"``; ``gemm_config`` pins tile fields; ``autotune``.
+    ``out``: a caller's [T, H] buffer to write (inference only, e.g. static addresses for
+    CUDA graphs); otherwise one is allocated."""
     _check(x, plan, params)
+    opts = resolve(options, recompute_h=recompute_h, combine=combine)
+    pin, autotune = _Tuning(opts.gemm_pin, opts.autotune).as_op_args()
     act = params.activation
-    recompute = recompute_default() if recompute_h is None else bool(recompute_h)
     needs_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight))
-    idx, meta = plan_args(plan)
-    out, _ = _experts_fwd_op(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight, idx, meta, act.name,
-                             float(act.alpha), float(act.limit), bool(params.interleaved),
-                             bool(needs_grad and not recompute), combine_mode(combine))
+    idx, meta = plan.op_args()
+    args = (x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight, idx, meta, act.name,
+            float(act.alpha), float(act.limit), bool(params.interleaved))
+    if needs_grad:
+        if out is not None:
+            raise ValueError("out: a caller's buffer serves inference only (no input requires grad)")
+        return _experts_fwd_op(*args, not opts.recompute_h, opts.combine, pin, autotune)[0]
+    out = _empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _experts_fwd_out_op(*args, opts.combine, out, pin, autotune)
     return out
 
 
-def moe_experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, *, recompute_h: bool | None = None,
-                      combine: str | None = None) -> torch.Tensor:
+def moe_experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, options: KernelOptions | None = None,
+                      *, recompute_h: bool | None = None, combine: str | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch twin of :func:`moe_experts` (forward only): the same launch sequence
     with every kernel replaced by its twin."""
     _check(x, plan, params)
-    out, _ = _forward_impl(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight, plan,
-                           params.activation, params.interleaved, False, combine_mode(combine),
-                           gemm=grouped_gemm_torch, comb=combine_torch)
-    return out
+    opts = resolve(options, recompute_h=recompute_h, combine=combine)
+    res, _ = _forward_impl(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight, plan,
+                           params.activation, params.interleaved, False, opts.combine,
+                           _Tuning(opts.gemm_pin, False), gemm=grouped_gemm_torch, comb=combine_torch, out=out)
+    return res

@@ -63,7 +63,7 @@ def _cpu_name() -> str:
 
 def run_metadata(device: torch.device) -> dict[str, str]:
     """What every CSV row is tagged with: date, commit, device and versions."""
-    from . import __version__
+    from .. import __version__
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -1,5 +1,5 @@
 """Pure-PyTorch twins of the CUDA kernels in csrc/, one per op, same signatures as the
-ops of :mod:`moe_kernels.cuda_ops` (which run these on the CPU).
+ops of :mod:`moe_kernels.backends.cuda.extension` (which run these on the CPU).
 
 Each twin states the exact contract its kernel keeps: the tie rule of the routing
 selection (lowest expert index first, written out with a stable sort rather than
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import max_padded_rows
+from ...plan import max_padded_rows
 
 __all__ = ["route_softmax_topk", "route_grouped_sigmoid_topk", "build_plan", "permute_rows", "unpermute_rows"]
 

@@ -3,11 +3,25 @@
 The same math as :func:`moe_kernels.activations.apply_activation` (float32): gated
 activations take the gate and up tiles ``g``, ``u``; ``_act_bwd`` returns their
 gradients given ``dh``. GPT-OSS's clamps pass the gradient where the clamp is inactive
-(inclusive bounds), as ``torch.clamp``'s backward does. Codes: ``gemm.ACT_CODES``.
+(inclusive bounds), as ``torch.clamp``'s backward does. The kernel's ``ACT`` argument is one
+of the named constexpr choices below (:data:`ACT_CODES` maps activation names to them).
 """
 
 import triton
 import triton.language as tl
+
+ACT_NONE = tl.constexpr(0)
+ACT_SWIGLU = tl.constexpr(1)
+ACT_GEGLU = tl.constexpr(2)
+ACT_GEGLU_TANH = tl.constexpr(3)
+ACT_SWIGLU_OAI = tl.constexpr(4)
+ACT_GELU = tl.constexpr(5)
+ACT_GELU_TANH = tl.constexpr(6)
+ACT_RELU = tl.constexpr(7)
+ACT_SILU = tl.constexpr(8)
+ACT_CODES = {"none": ACT_NONE.value, "swiglu": ACT_SWIGLU.value, "geglu": ACT_GEGLU.value,
+             "geglu_tanh": ACT_GEGLU_TANH.value, "swiglu_oai": ACT_SWIGLU_OAI.value, "gelu": ACT_GELU.value,
+             "gelu_tanh": ACT_GELU_TANH.value, "relu": ACT_RELU.value, "silu": ACT_SILU.value}
 
 
 @triton.jit
@@ -29,14 +43,14 @@ def _gelu_parts(v, TANH: tl.constexpr):
 @triton.jit
 def _act_parts(v, ACT: tl.constexpr, alpha):
     # (a(v), a'(v)) of the gate nonlinearity of ACT (fp32); swiglu_oai is handled by the caller.
-    if ACT == 1 or ACT == 8:  # silu
+    if ACT == ACT_SWIGLU or ACT == ACT_SILU:
         s = tl.sigmoid(v)
         return v * s, s + v * s * (1.0 - s)
-    elif ACT == 2 or ACT == 5:
+    elif ACT == ACT_GEGLU or ACT == ACT_GELU:
         return _gelu_parts(v, False)
-    elif ACT == 3 or ACT == 6:
+    elif ACT == ACT_GEGLU_TANH or ACT == ACT_GELU_TANH:
         return _gelu_parts(v, True)
-    elif ACT == 7:
+    elif ACT == ACT_RELU:
         return tl.maximum(v, 0.0), (v > 0.0).to(tl.float32)
     else:  # swiglu_oai gate: v * sigmoid(alpha v)
         s = tl.sigmoid(alpha * v)
@@ -45,7 +59,7 @@ def _act_parts(v, ACT: tl.constexpr, alpha):
 
 @triton.jit
 def _act_fwd(g, u, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
-    if ACT == 4:
+    if ACT == ACT_SWIGLU_OAI:
         gc = tl.minimum(g, limit)
         uc = tl.minimum(tl.maximum(u, -limit), limit)
         a, _ = _act_parts(gc, ACT, alpha)
@@ -59,7 +73,7 @@ def _act_fwd(g, u, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
 @triton.jit
 def _act_bwd(g, u, dh, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
     # Returns (h, dg, du) for h = act(g, u) and upstream gradient dh (fp32).
-    if ACT == 4:
+    if ACT == ACT_SWIGLU_OAI:
         gc = tl.minimum(g, limit)
         uc = tl.minimum(tl.maximum(u, -limit), limit)
         a, da = _act_parts(gc, ACT, alpha)

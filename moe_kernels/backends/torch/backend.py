@@ -1,0 +1,26 @@
+"""The ``torch`` backend: pure PyTorch on any device, the CPU product and the readable
+fast path. Routing is the core's routers (:mod:`moe_kernels.routing`), the plan the
+core's :func:`~moe_kernels.plan.build_plan_torch`, the experts :mod:`.experts`."""
+
+from __future__ import annotations
+
+import torch
+
+from ...options import KernelOptions
+from ...params import ExpertParams
+from ...plan import DispatchPlan
+from ..base import Backend
+from .experts import experts_torch
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return None
+
+    def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
+                options: KernelOptions | None = None) -> torch.Tensor:
+        return experts_torch(x, plan, params)
