@@ -11,7 +11,7 @@ import torch
 from .activations import Activation
 from .params import ExpertParams, expert_params
 
-__all__ = ["TOLERANCES", "assert_close", "max_error", "poison", "assert_written", "random_params", "random_logits"]
+__all__ = ["TOLERANCES", "assert_close", "max_error", "poison", "assert_written", "random_params", "POISON"]
 
 # (atol, rtol) per dtype for an MoE output of unit-scale inputs; fp16/bf16 cover two
 # matmuls with fp32 accumulation plus one rounding of the intermediate h.
@@ -23,7 +23,7 @@ TOLERANCES = {
 }
 
 POISON = {torch.float16: float("nan"), torch.bfloat16: float("nan"), torch.float32: float("nan"),
-          torch.float64: float("nan"), torch.int32: -777, torch.int64: -777}
+          torch.float64: float("nan"), torch.int32: -777, torch.int64: -777, torch.int8: -77, torch.uint8: 0xEE}
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
@@ -55,11 +55,7 @@ def assert_written(t: torch.Tensor, name: str = "output") -> None:
         bad = torch.isnan(t)
     else:
         bad = t == POISON[t.dtype]
-    assert not bool(bad.any()), f"{name}: {int(bad.sum())} elements were never written"
-
-
-def random_logits(t: int, e: int, *, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
-    return torch.randn(t, e, dtype=dtype, device=device, generator=generator)
+    assert not bool(bad.any()), f"{name}: {int(bad.sum())} of {t.numel()} elements never written"
 
 
 def random_params(e: int, h: int, i: int, *, activation: str = "swiglu", bias: bool = False,

@@ -24,6 +24,8 @@ import os
 import pytest
 import torch
 
+from moe_kernels.testing import POISON, assert_written, poison
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -52,23 +54,23 @@ def interpreting() -> bool:
     return pkg_interpreting()
 
 
-POISON_INT = -777
+POISON_INT = POISON[torch.int32]
 
 
 def poison_empty(monkeypatch, module) -> None:
-    """Replace ``module._empty`` by an allocator whose buffers hold poison."""
+    """Replace ``module._empty`` by an allocator whose buffers hold poison
+    (:func:`moe_kernels.testing.poison`: NaN, or -777 for integers)."""
     real = torch.empty
 
     def empty(*shape, dtype=None, device=None, **kw):
-        t = real(*shape, dtype=dtype, device=device, **kw)
-        return t.fill_(float("nan") if t.dtype.is_floating_point else POISON_INT)
+        return poison(real(*shape, dtype=dtype, device=device, **kw))
 
     monkeypatch.setattr(module, "_empty", empty)
 
 
 def assert_no_poison(t: torch.Tensor, name: str) -> None:
-    bad = torch.isnan(t) if t.dtype.is_floating_point else t == POISON_INT
-    assert not bool(bad.any()), f"{name}: {int(bad.sum())} of {t.numel()} elements never written"
+    """:func:`moe_kernels.testing.assert_written`: no poison value survives in ``t``."""
+    assert_written(t, name)
 
 
 # --------------------------------------------------------------------------- bf16 shim
