@@ -67,10 +67,11 @@ BUILD_TYPE_FLAGS = ["-O3", "-DNDEBUG", "-fPIC"]  # a Release build of a loadable
 LIMITED_API = "0x030A0000"
 ABI3_TAG = "cp310"
 CXX_FLAGS = [f"-DPy_LIMITED_API={LIMITED_API}", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
-# Static CUDA runtime, its symbols kept private (--exclude-libs) and bound inside the
-# module (-Bsymbolic), so the process's other CUDA runtimes (torch's) never mix in;
-# -s strips the symbol table (a Release build of a loadable module).
-LINK_FLAGS = ["-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic", "-s"]
+# Static CUDA runtime, its symbols kept private (a version script that exports
+# PyInit__C only; it works with GNU ld, lld and zig's linker, --exclude-libs does not)
+# and bound inside the module (-Bsymbolic), so the process's other CUDA runtimes
+# (torch's) never mix in; -s strips the symbol table (a Release build).
+LINK_FLAGS = [f"-Wl,--version-script={CSRC / 'module.map'}", "-Wl,-Bsymbolic", "-s"]
 SYSTEM_LIBS = ["-lpthread", "-ldl", "-lrt"]  # what libcudart_static.a needs
 
 
