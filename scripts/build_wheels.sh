@@ -64,9 +64,10 @@ find_python() {  # a name (3.12, python3.12) or a path -> an interpreter path
   local want=$1 c
   if [[ -x "$want" ]]; then echo "$want"; return; fi
   want=${want#python}
-  for c in "python$want" "$HOME/.pyenv/versions/$want"*/bin/python3 /root/.pyenv/versions/"$want"*/bin/python3; do
+  # pyenv's versions first: its shims on PATH answer for versions that are not selected.
+  for c in "${PYENV_ROOT:-$HOME/.pyenv}/versions/$want"*/bin/python3 "python$want"; do
     c=$(command -v "$c" 2>/dev/null || true)
-    if [[ -n "$c" ]]; then echo "$c"; return; fi
+    if [[ -n "$c" ]] && "$c" -c 'import venv' 2>/dev/null; then echo "$c"; return; fi
   done
   echo "no Python $1 found (set CHECK_PYTHONS to names or paths)" >&2
   return 1
