@@ -238,7 +238,7 @@ import moe_kernels, torch
 from moe_kernels import cuda_backend
 info = cuda_backend.extension_info()
 assert not info["built"], info
-y = moe_kernels.MoE(16, 32, 4, top_k=2, backend="torch")(torch.randn(3, 16))
+y = moe_kernels.MoE(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, backend="torch")(torch.randn(3, 16))
 print(f"  ok: sdist installed without nvcc: moe_kernels {moe_kernels.__version__}, no extension, MoE runs: {tuple(y.shape)}")')
 fi
 
