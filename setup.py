@@ -12,6 +12,11 @@ found (on ``PATH``, else from the ``cmake`` Python package), or runs the same co
 itself with the system C++ compiler (``_build_direct``: machines with no cmake and no
 network). Change the build here, never in CMakeLists.txt alone.
 
+The module uses only CPython's limited API (3.10): it is built as ``_C.abi3.so`` and the
+wheel is tagged ``cp310-abi3``, one wheel per CUDA version for every CPython >= 3.10.
+Next to it the build writes ``moe_kernels/_build_variant.py`` (CUDA variant, version,
+archs), which the package reads without importing the extension.
+
 Environment:
 
 * ``MOE_KERNELS_SKIP_CUDA_BUILD=1``: do not build the extension.
@@ -25,6 +30,8 @@ Environment:
   nvidia-nvfatbin-cu12, nvidia-cuda-runtime-cu12), which ship no nvcc: device code goes
   through NVRTC (see csrc/tools/device_compile.py). scripts/build_wheels.sh uses it.
 * ``MAX_JOBS``: parallel compile jobs (default: the number of CPUs).
+* ``MOE_KERNELS_CUDA_VARIANT``: the name of this build in ``moe_kernels.build_variant()``
+  and ``__version__`` (default ``cu`` + the toolkit's major and minor, e.g. ``cu130``).
 * ``MOE_KERNELS_BUILDER=cmake|direct``: force one builder (default: cmake when found,
   else direct). ``CXX`` (else sysconfig's, else ``c++``): the direct builder's compiler.
 """
@@ -56,17 +63,21 @@ IMAGES = ("routing", "plan", "permute")  # csrc/<image>.cu -> <image>.fatbin + <
 HOST_SOURCES = ("bindings.cpp", "ops.cpp", "runtime.cpp", "images.cpp")
 EMBEDDING_SOURCE = "images.cpp"  # .incbin's the images, so it compiles after them
 BUILD_TYPE_FLAGS = ["-O3", "-DNDEBUG", "-fPIC"]  # a Release build of a loadable module
-CXX_FLAGS = ["-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
-# Static CUDA runtime, its symbols kept private (--exclude-libs) and bound inside the
-# module (-Bsymbolic), so the process's other CUDA runtimes (torch's) never mix in;
-# -s strips the symbol table, as pybind11's CMake helper does for Release builds.
-LINK_FLAGS = ["-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic", "-s"]
+# One binary for every CPython >= 3.10: the stable ABI only (csrc/bindings.cpp checks it).
+LIMITED_API = "0x030A0000"
+ABI3_TAG = "cp310"
+CXX_FLAGS = [f"-DPy_LIMITED_API={LIMITED_API}", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
+# Static CUDA runtime, its symbols kept private (a version script that exports
+# PyInit__C only; it works with GNU ld, lld and zig's linker, --exclude-libs does not)
+# and bound inside the module (-Bsymbolic), so the process's other CUDA runtimes
+# (torch's) never mix in; -s strips the symbol table (a Release build).
+LINK_FLAGS = [f"-Wl,--version-script={CSRC / 'module.map'}", "-Wl,-Bsymbolic", "-s"]
 SYSTEM_LIBS = ["-lpthread", "-ldl", "-lrt"]  # what libcudart_static.a needs
 
 
 class CMakeExtension(Extension):
     def __init__(self, name: str):
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], py_limited_api=True)  # -> _C.abi3.so
 
 
 def _first_file(*candidates: Path) -> Path | None:
@@ -168,10 +179,8 @@ def _c_string(value: str) -> str:
 
 def _build_spec(tc: dict, image_dir: Path) -> dict:
     """Every input of the build, for either builder. CMakeLists.txt adds nothing of its
-    own (no build type, no pybind11 CMake helpers), so what _build_direct runs is what
-    CMake runs."""
-    import pybind11
-
+    own (no build type, no CMake helpers), so what _build_direct runs is what CMake
+    runs."""
     archs = _archs(tc)
     real, ptx = _describe_archs(archs)
     python_include = sysconfig.get_paths()["include"]
@@ -199,11 +208,28 @@ def _build_spec(tc: dict, image_dir: Path) -> dict:
         "device_command": [sys.executable, str(DEVICE_TOOL), *device_args],
         "defines": [f"{k}={_c_string(v)}" for k, v in defines.items()],
         "include_dirs": [str(CSRC), *cuda_includes],
-        "system_include_dirs": [python_include, pybind11.get_include()],  # -isystem: outside -Werror
+        "system_include_dirs": [python_include],  # -isystem: outside -Werror
         "cxx_flags": [*BUILD_TYPE_FLAGS, *CXX_FLAGS],
         "link_flags": LINK_FLAGS,
         "link_libs": [tc["cudart_static"], *SYSTEM_LIBS],
     }
+
+
+VARIANT_FILE = "_build_variant.py"  # written next to the built module
+
+
+def _variant_source(tc: dict, archs: str) -> str:
+    """moe_kernels/_build_variant.py of this build: what the package reports as its CUDA
+    variant (``moe_kernels.build_variant()``, ``__version__``) without importing _C."""
+    real, ptx = _describe_archs(archs)
+    major, minor = (tc["version"].split(".") + ["0"])[:2]
+    variant = os.environ.get("MOE_KERNELS_CUDA_VARIANT") or f"cu{major}{minor}"
+    if not re.fullmatch(r"[a-z0-9]+", variant):
+        raise RuntimeError(f"MOE_KERNELS_CUDA_VARIANT={variant!r}: lower-case letters and digits only")
+    compiler = f"{tc['compiler']} {tc['version']}"
+    return ("# Written by setup.py when it builds moe_kernels._C; not in the source tree.\n"
+            f"VARIANT = {variant!r}\nCUDA_VERSION = {major + '.' + minor!r}\nARCHS = {tuple(real)!r}\n"
+            f"PTX = {tuple(ptx)!r}\nDEVICE_COMPILER = {compiler!r}\n")
 
 
 def _device_command(spec: dict, image: str) -> list[str]:
@@ -332,9 +358,20 @@ class BuildExt(build_ext):
         installed as if it had just been built."""
         for ext in self.extensions:
             path = Path(self.get_ext_fullpath(ext.name))
-            if path.exists():
-                print(f"moe_kernels: removing {path} from an earlier build", flush=True)
-                path.unlink()
+            for stale in (path, path.parent / VARIANT_FILE):
+                if stale.exists():
+                    print(f"moe_kernels: removing {stale} from an earlier build", flush=True)
+                    stale.unlink()
+
+    def copy_extensions_to_source(self) -> None:
+        """--inplace / editable installs: the module and, next to it, its variant file."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            built = Path(self.build_lib, *ext.name.split(".")[:-1], VARIANT_FILE)
+            package_dir = Path(build_py.get_package_dir(ext.name.rpartition(".")[0]))
+            if built.exists():
+                shutil.copyfile(built, package_dir / VARIANT_FILE)
 
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
@@ -367,8 +404,10 @@ class BuildExt(build_ext):
                   f"with {tc['compiler']} {tc['version']} into {output}", flush=True)
             build_dir = work / "moe_kernels_cuda_direct"
             _build_direct(_build_spec(tc, build_dir / "images"), output, build_dir, jobs)
+        (output.parent / VARIANT_FILE).write_text(_variant_source(tc, _archs(tc)))
         print(f"moe_kernels: CUDA extension built by the {'cmake' if cmake else 'direct'} build in "
               f"{time.monotonic() - start:.1f} s", flush=True)
 
 
-setup(ext_modules=[CMakeExtension("moe_kernels._C")], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[CMakeExtension("moe_kernels._C")], cmdclass={"build_ext": BuildExt},
+      options={"bdist_wheel": {"py_limited_api": ABI3_TAG}})

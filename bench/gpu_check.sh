@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # One-shot GPU check for moe_kernels, for a machine with one NVIDIA GPU and no network.
 #
-#   bench/gpu_check.sh OUTDIR [--dry-run]
+#   bench/gpu_check.sh OUTDIR [--dry-run] [--wheel PATH]
 #
 # Steps (each logged to OUTDIR/<step>.log, guarded by `timeout`, the whole run kept under
 # GPU_CHECK_TOTAL_S = 450 s so it ends well inside 8 minutes on an H200):
 #   env        versions, nvidia-smi
 #   build      pip install --no-build-isolation -e . (CUDA extension for MOE_KERNELS_CUDA_ARCHS,
-#              default 90a; falls back to setup.py build_ext --inplace)
+#              default 90a; falls back to setup.py build_ext --inplace); with --wheel PATH
+#              (a wheel from scripts/build_wheels.sh that travels with the tree, or a folder
+#              of them: the one pip finds compatible) no nvcc runs: pip installs the wheel
+#              (--no-deps --no-index, so its tags must fit this Python) into OUTDIR/wheel-target
+#              and its extension (_C.abi3.so + _build_variant.py) is put into the tree's
+#              moe_kernels/, where the tests and benchmarks import it from
 #   info       moe-kernels info: what was built, which backends run
 #   tests-gpu  pytest -m gpu: the real-kernel tests (bf16 included)
 #   bench      reduced benchmark grid, forward (OUTDIR/bench/), then forward+backward
@@ -22,18 +27,27 @@
 # Exit code: 0 when every step and test passed, 1 otherwise, 2 on bad usage.
 set -u -o pipefail
 
-usage() { echo "usage: $0 OUTDIR [--dry-run]" >&2; exit 2; }
+usage() { echo "usage: $0 OUTDIR [--dry-run] [--wheel PATH]" >&2; exit 2; }
 OUT=""
 DRY=0
-for arg in "$@"; do
+WHEEL=""
+while (( $# )); do
+  arg=$1
+  shift
   case "$arg" in
     --dry-run) DRY=1 ;;
+    --wheel) (( $# )) || usage; WHEEL=$1; shift ;;
+    --wheel=*) WHEEL=${arg#--wheel=} ;;
     -h|--help) usage ;;
     -*) echo "unknown option: $arg" >&2; usage ;;
     *) [ -z "$OUT" ] || usage; OUT=$arg ;;
   esac
 done
 [ -n "$OUT" ] || usage
+if [ -n "$WHEEL" ]; then
+  [ -e "$WHEEL" ] || { echo "--wheel $WHEEL: no such file or folder" >&2; exit 2; }
+  WHEEL=$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")
+fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT" || exit 2
@@ -105,7 +119,27 @@ else
              --providers torch,triton,cuda,grouped_mm,hf_grouped_mm)
 fi
 
-echo "gpu_check: repo $REPO, output $OUT, $([ $DRY = 1 ] && echo 'DRY RUN on the CPU' || echo 'GPU run')"
+if [ -n "$WHEEL" ]; then
+  # The prebuilt extension instead of a build: pip checks that the wheel fits this Python
+  # and platform; the tree then imports its module (a stale per-Python build would win
+  # over _C.abi3.so in the import order, so those go).
+  install_wheel() {
+    set -e
+    local -a src=("$WHEEL")
+    # A folder (scripts/build_wheels.sh's dist/): the wheel of it that pip finds fits.
+    [ -d "$WHEEL" ] && src=(--find-links "$WHEEL" moe-kernels-fused)
+    rm -rf "$OUT/wheel-target"
+    "$PY" -m pip install --no-deps --no-index --only-binary=:all: --target "$OUT/wheel-target" "${src[@]}"
+    rm -f "$REPO"/moe_kernels/_C.*.so "$REPO"/moe_kernels/_C.so
+    cp "$OUT/wheel-target/moe_kernels/_C.abi3.so" "$OUT/wheel-target/moe_kernels/_build_variant.py" "$REPO/moe_kernels/"
+    cd "$OUT" && "$PY" -c 'import moe_kernels as m; print("installed", m.__version__, m.build_variant(), m._C.__file__)'
+  }
+  export -f install_wheel
+  export WHEEL OUT REPO PY
+  BUILD=(bash -c install_wheel)
+fi
+
+echo "gpu_check: repo $REPO, output $OUT, $([ $DRY = 1 ] && echo 'DRY RUN on the CPU' || echo 'GPU run')${WHEEL:+, prebuilt wheel $WHEEL}"
 
 run_step env 30 bash -c "date -u; uname -a; '$PY' -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available())'; \
   '$PY' -c 'import triton; print(\"triton\", triton.__version__)' || true; command -v nvcc >/dev/null && nvcc --version | tail -n 2; \

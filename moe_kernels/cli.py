@@ -28,10 +28,13 @@ def _triton_version() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__
+    from . import __version__, build_variant
     from .backends import available_backends
 
     print(f"moe_kernels {__version__}")
+    v = build_variant()
+    print(f"variant     {v['variant']} (CUDA {v['cuda_version']}, archs {','.join(v['archs'])}, PTX "
+          f"{','.join(v['ptx']) or 'none'})" if v else "variant     none: no CUDA extension (pure-Python install)")
     print(f"python      {platform.python_version()} ({sys.executable})")
     print(f"torch       {torch.__version__} (CUDA runtime {torch.version.cuda or 'none: CPU build'})")
     print(f"triton      {_triton_version()}")
