@@ -22,7 +22,72 @@ from .options import KernelOptions
 from .params import expert_params
 from .routing import Routing, router_jitter, router_name, weighted_aux_loss, z_loss
 
-__all__ = ["MoE", "MoEConfig", "router_options"]
+__all__ = ["MoE", "MoEConfig", "router_options", "StepState"]
+
+
+class StepState:
+    """What a layer's last forward produced: ``losses``, ``aux_loss`` and ``expert_load``.
+
+    Kept apart from the module's copyable state: these tensors belong to one step's
+    autograd graph (non-leaf tensors refuse ``copy.deepcopy``, and a pickled or copied
+    model must not carry a graph), so copying or pickling a layer gives a fresh, empty
+    state. A forward clears it first, so after a forward that raised nothing of the
+    previous step reads as current."""
+
+    __slots__ = ("losses", "aux_loss", "expert_load")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.losses: dict[str, torch.Tensor] = {}
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_load: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> "StepState":
+        return StepState()
+
+    def __reduce__(self):
+        return (StepState, ())
+
+
+class StepOutputs:
+    """Mixin: ``losses``, ``aux_loss`` and ``last_expert_load`` read from (and write to)
+    the module's :class:`StepState`."""
+
+    def _step_state(self) -> StepState:
+        state = self.__dict__.get("_step")
+        if state is None:
+            state = StepState()
+            object.__setattr__(self, "_step", state)
+        return state
+
+    @property
+    def losses(self) -> dict[str, torch.Tensor]:
+        """The last forward's unweighted aux losses (``{}`` before any, or after a failed one)."""
+        return self._step_state().losses
+
+    @losses.setter
+    def losses(self, value) -> None:
+        self._step_state().losses = value
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's weighted aux loss, to add to the training loss (``None``
+        before any forward, or after one that raised)."""
+        return self._step_state().aux_loss
+
+    @aux_loss.setter
+    def aux_loss(self, value) -> None:
+        self._step_state().aux_loss = value
+
+    @property
+    def last_expert_load(self) -> torch.Tensor | None:
+        """Valid slots (token assignments, dropped ones excluded) per expert in the last
+        forward: an int [E] tensor on the layer's device, detached, read without a host
+        sync. Under expert parallelism: this rank's tokens only (sum over the group for the
+        global load; :func:`moe_kernels.balance.update_selection_bias` does)."""
+        return self._step_state().expert_load
 
 
 @dataclass
@@ -132,7 +197,7 @@ def add_parameters(module: nn.Module, config: MoEConfig, activation: Activation,
     module.b2 = nn.Parameter(torch.zeros(el, h, **factory)) if c.bias else None
 
 
-class MoE(nn.Module):
+class MoE(StepOutputs, nn.Module):
     """A Mixture-of-Experts layer with a fused expert computation.
 
     Parameters: ``router_weight`` [E, H] (the router's linear map), ``w13`` [E, n*I, H]
@@ -160,8 +225,7 @@ class MoE(nn.Module):
         act = Activation(c.activation, c.alpha, c.limit)
         self.activation = act
         add_parameters(self, c, act, c.num_experts, device=device, dtype=dtype)
-        self.losses: dict[str, torch.Tensor] = {}
-        self.aux_loss: torch.Tensor | None = None
+        self._step_state()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -209,6 +273,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
+        step = self._step_state()
+        step.clear()  # a forward that raises leaves nothing of the previous step readable
         if x.shape[-1] != c.hidden_size:
             raise ValueError(f"x: expected last dimension hidden_size={c.hidden_size}, got shape {tuple(x.shape)}")
         x2d = x.reshape(-1, c.hidden_size).contiguous()
@@ -222,9 +288,13 @@ class MoE(nn.Module):
         routing = self.route(x2d, backend)
         if x2d.shape[0] == 0:
             out = x2d * 0  # empty, but connected to x for autograd
+            load = torch.zeros(c.num_experts, dtype=torch.int32, device=x2d.device)
         else:
             opts = c.kernel_options()
-            out = backend.experts(x2d, backend.plan(routing, params, opts), params, opts)
-        self.losses = routing.losses
-        self.aux_loss = weighted_aux_loss(routing.losses, c.aux_loss_coef, c.z_loss_coef, x2d)
+            plan = backend.plan(routing, params, opts)
+            out = backend.experts(x2d, plan, params, opts)
+            load = plan.expert_counts
+        step.losses = routing.losses
+        step.aux_loss = weighted_aux_loss(routing.losses, c.aux_loss_coef, c.z_loss_coef, x2d)
+        step.expert_load = load.detach()
         return out.reshape(x.shape)

@@ -131,6 +131,15 @@ class Routing:
     def num_slots(self) -> int:
         return self.slot_token.shape[0]
 
+    def expert_load(self) -> torch.Tensor:
+        """Valid slots per expert (dropped slots excluded): int32 [E] on the routing's
+        device, computed there without a host sync (a scatter-add, not ``bincount``,
+        whose output size would have to come from the device)."""
+        e = self.num_experts
+        counts = torch.zeros(e + 1, dtype=torch.int32, device=self.slot_expert.device)
+        counts.scatter_add_(0, self.slot_expert.long(), torch.ones_like(self.slot_expert))
+        return counts[:e]
+
     @classmethod
     def from_topk(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                   losses: dict | None = None) -> "Routing":
