@@ -17,6 +17,7 @@ global aux loss counted once per rank, see parallel.py "Gradients").
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -294,7 +295,7 @@ MISMATCHES = [
     # different routers run different collectives: both ranks timed out, group unusable
     ("router", dict(num_experts=4, top_k=1, router=("softmax_topk", "switch")), {}),
     ("router", dict(num_experts=4, router=("switch", "expert_choice")), {}),
-    ("router", dict(num_experts=4, top_k=2, router=("expert_choice", "softmax_topk")), {}),
+    ("router", dict(num_experts=4, router=("expert_choice", "softmax_topk")), {}),
 ]
 
 
@@ -336,6 +337,29 @@ def _mismatch_suite(rank, world, outdir):
         xf, logits, w13, w2, router="softmax_topk", top_k=1 + rank, backend="torch")), field="top_k")
     res["functional_router"] = dict(_timed(lambda: expert_parallel_moe(
         xf, logits, w13, w2, router=("switch", "expert_choice")[rank], backend="torch")), field="router")
+    # deepcopy after a forward with grad (the step's non-leaf aux_loss made it raise)
+    torch.manual_seed(0)
+    layer = ExpertParallelMoE(MoEConfig(hidden_size=H, intermediate_size=I, num_experts=4, top_k=2, backend="torch",
+                                        z_loss_coef=0.1))
+    out = layer(x.clone().requires_grad_())
+    (out.sum() + layer.aux_loss).backward()
+    twin = {}
+    res["deepcopy_after_forward"] = _timed(lambda: twin.setdefault("m", copy.deepcopy(layer)))
+    res["deepcopy_state_empty"] = twin.get("m") is not None and twin["m"].aux_loss is None
+    # auxiliary-loss-free balancing: the loads of both ranks are summed, so the update
+    # equals the single-process one on the concatenated batch and stays replicated
+    from moe_kernels.balance import update_selection_bias
+    full, _ = _build(dict(num_experts=4, top_k=2, router="grouped_sigmoid_topk", n_group=2, topk_group=1), {})
+    ep = ExpertParallelMoE.from_moe(full)
+    xs, _ = _batches([5, 8], torch.float64, {})
+    full(torch.cat(xs))
+    ep(xs[rank])
+    update_selection_bias(full, rate=0.125)
+    update_selection_bias(ep, rate=0.125)
+    res["balance_bias_error"] = _err(ep.selection_bias, full.selection_bias)
+    res["balance_bias_moved"] = float((full.selection_bias - _build(
+        dict(num_experts=4, top_k=2, router="grouped_sigmoid_topk", n_group=2, topk_group=1), {})[0].selection_bias
+                                       ).abs().max())
     # the group still works: a normal step matches the single-process layer
     res["after_mismatches"] = _run_case(("after", dict(num_experts=4, top_k=2, router="softmax_topk"), [3, 4], {}),
                                         rank, world)
@@ -583,6 +607,9 @@ def test_ranks_built_differently_raise_everywhere():
             assert r["seconds"] < FAIL_PG_TIMEOUT_S, f"{case}: rank {rank} took {r['seconds']:.1f}s (waited for a timeout)"
     for rank in (0, 1):
         assert res[rank]["first_forward_ok"]["raised"] is None, res[rank]["first_forward_ok"]
+        assert res[rank]["deepcopy_after_forward"]["raised"] is None, res[rank]["deepcopy_after_forward"]
+        assert res[rank]["deepcopy_state_empty"]
+        assert res[rank]["balance_bias_error"] <= 1e-12 and res[rank]["balance_bias_moved"] > 0
         _assert_case({rank: {"after": res[rank]["after_mismatches"]}}, "after")
 
 
