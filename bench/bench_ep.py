@@ -98,8 +98,12 @@ def run(args):
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     torch.manual_seed(0)  # the same router on every rank
+    # Only the options the router takes: MoEConfig refuses the ones a router would ignore.
+    per_router = {"switch": {"capacity_factor": args.capacity_factor},
+                  "expert_choice": {"capacity_factor": args.capacity_factor}}
+    router_kw = per_router.get(args.router, {} if args.router in ("dense", "dense_softmax") else {"top_k": args.top_k})
     cfg = MoEConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_experts=args.experts,
-                    top_k=args.top_k, router=args.router, capacity_factor=args.capacity_factor, backend=args.backend)
+                    router=args.router, backend=args.backend, **router_kw)
     layer = ExpertParallelMoE(cfg, device=dev, dtype=dtype)
     layer.broadcast_replicated_()
     torch.manual_seed(1 + rank)

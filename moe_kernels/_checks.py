@@ -110,3 +110,23 @@ def check_positive_float(name: str, v: object) -> float:
     if not (v > 0) or v != v or v == float("inf"):
         raise ValueError(f"{name}: expected a finite number > 0, got {v}")
     return float(v)
+
+
+def check_bool(name: str, v: object) -> bool:
+    """``True`` or ``False`` only: ``"no"`` is truthy and ``None`` falsy, so accepting
+    them would flip an option silently."""
+    if not isinstance(v, bool):
+        raise ValueError(f"{name}: expected True or False, got {v!r}")
+    return v
+
+
+def check_float(name: str, v: object, *, low: float | None = None, low_open: bool = False) -> float:
+    """A finite real number (not a bool, not a string), ``>= low`` (``> low`` when
+    ``low_open``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name}: expected {'>' if low_open else '>='} {low}, got {v}")
+    return float(v)

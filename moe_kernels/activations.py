@@ -25,6 +25,7 @@ the reference, the torch backend and the kernels' epilogues.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,11 @@ class Activation:
     def __post_init__(self) -> None:
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {self.name!r}")
+        # alpha and limit reach the kernels as constants: a NaN or a string must fail here.
+        for field in ("alpha", "limit"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{field}: expected a finite number, got {v!r}")
         if self.name == "swiglu_oai" and not (self.limit > 0):
             raise ValueError(f"limit: expected > 0 for swiglu_oai, got {self.limit}")
 

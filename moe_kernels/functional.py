@@ -15,14 +15,28 @@ from .activations import Activation
 from .backends import get_backend
 from .options import KernelOptions
 from .params import ExpertParams, expert_params
+from .primitives import zero_link
 from .routing import Routing
 
-__all__ = ["fused_experts", "moe", "check_inputs", "kernel_options"]
+__all__ = ["fused_experts", "moe", "check_inputs", "kernel_options", "empty_output"]
+
+
+def empty_output(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> torch.Tensor:
+    """The ``[0, H]`` output of ``T = 0`` tokens, connected to autograd like a non-empty
+    one: it requires grad when ``x``, a weight or the slot weights do, and backward gives
+    them zero gradients (not ``None``, and no "does not require grad" error)."""
+    out = x.new_zeros(0, x.shape[1])
+    link = zero_link(x, params.w13, params.w2, params.b13, params.b2,
+                     None if routing is None else routing.slot_weight)
+    return out if link is None else out + link.to(out.dtype)
 
 
 def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
     """Check ``x`` [T, H] against the expert weights and (optionally) the routing."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if routing is not None and not isinstance(routing, Routing):
+        raise ValueError(f"routing: expected a Routing (from a router of moe_kernels.routing, or Routing.from_topk "
+                         f"for [T, k] ids and weights), got {type(routing).__name__}")
     check_same_dtype([("x", x), ("w13", params.w13)])
     check_same_device([("x", x), ("w13", params.w13)])
     if x.shape[1] != params.hidden_size:
@@ -77,7 +91,7 @@ def fused_experts(
     opts = kernel_options(options, combine=combine, recompute_h=recompute_h, gemm_config=gemm_config,
                           autotune=autotune)
     if x.shape[0] == 0:
-        return x.new_zeros(0, x.shape[1])
+        return empty_output(x, params, routing)
     return impl.experts(x, impl.plan(routing, params, opts), params, opts)
 
 
@@ -129,6 +143,6 @@ def moe(
     opts = kernel_options(options, combine=combine, recompute_h=recompute_h, gemm_config=gemm_config,
                           autotune=autotune)
     routing = impl.route(router_logits, router, router_options)
-    out = x.new_zeros(0, x.shape[1]) if x.shape[0] == 0 else impl.experts(x, impl.plan(routing, params, opts), params,
-                                                                          opts)
+    out = empty_output(x, params, routing) if x.shape[0] == 0 else impl.experts(
+        x, impl.plan(routing, params, opts), params, opts)
     return (out, routing) if return_routing else out

@@ -9,35 +9,118 @@ weighted by the config's coefficients, ready to add to the training loss.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._checks import check_int, check_positive_float
+from ._checks import check_bool, check_float, check_int, check_positive_float
 from .activations import Activation
-from .backends import BACKEND_NAMES, get_backend
-from .functional import check_inputs
+from .backends import BACKEND_NAMES, get_backend, unavailable_reason
+from .functional import check_inputs, empty_output
 from .options import KernelOptions
 from .params import expert_params
 from .routing import Routing, router_jitter, router_name, weighted_aux_loss, z_loss
 
-__all__ = ["MoE", "MoEConfig", "router_options"]
+__all__ = ["MoE", "MoEConfig", "router_options", "StepState"]
+
+
+class StepState:
+    """What a layer's last forward produced: ``losses``, ``aux_loss`` and ``expert_load``.
+
+    Kept apart from the module's copyable state: these tensors belong to one step's
+    autograd graph (non-leaf tensors refuse ``copy.deepcopy``, and a pickled or copied
+    model must not carry a graph), so copying or pickling a layer gives a fresh, empty
+    state. A forward clears it first, so after a forward that raised nothing of the
+    previous step reads as current."""
+
+    __slots__ = ("losses", "aux_loss", "expert_load")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.losses: dict[str, torch.Tensor] = {}
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_load: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> "StepState":
+        return StepState()
+
+    def __reduce__(self):
+        return (StepState, ())
+
+
+class StepOutputs:
+    """Mixin: ``losses``, ``aux_loss`` and ``last_expert_load`` read from (and write to)
+    the module's :class:`StepState`."""
+
+    def _step_state(self) -> StepState:
+        state = self.__dict__.get("_step")
+        if state is None:
+            state = StepState()
+            object.__setattr__(self, "_step", state)
+        return state
+
+    @property
+    def losses(self) -> dict[str, torch.Tensor]:
+        """The last forward's unweighted aux losses (``{}`` before any, or after a failed one)."""
+        return self._step_state().losses
+
+    @losses.setter
+    def losses(self, value) -> None:
+        self._step_state().losses = value
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's weighted aux loss, to add to the training loss (``None``
+        before any forward, or after one that raised)."""
+        return self._step_state().aux_loss
+
+    @aux_loss.setter
+    def aux_loss(self, value) -> None:
+        self._step_state().aux_loss = value
+
+    @property
+    def last_expert_load(self) -> torch.Tensor | None:
+        """Valid slots (token assignments, dropped ones excluded) per expert in the last
+        forward: an int [E] tensor on the layer's device, detached, read without a host
+        sync. Under expert parallelism: this rank's tokens only (sum over the group for the
+        global load; :func:`moe_kernels.balance.update_selection_bias` does)."""
+        return self._step_state().expert_load
+
+
+class _RouterDefault:
+    """The default of a router-specific field: resolved per router by ``MoEConfig``."""
+
+    def __repr__(self) -> str:
+        return "<router default>"
+
+
+ROUTER_DEFAULT = _RouterDefault()
+_TOPK_ROUTERS = ("softmax_topk", "grouped_sigmoid_topk", "noisy_topk")
+_CAPACITY_ROUTERS = ("switch", "expert_choice")
 
 
 @dataclass
 class MoEConfig:
     """Everything that defines a MoE layer.
 
-    Router options: ``top_k`` (top-k routers), ``renormalize`` (softmax top-k and
+    Router options: ``top_k`` (top-k routers; default 2; Switch takes only 1), ``renormalize`` (softmax top-k and
     grouped sigmoid), ``n_group``, ``topk_group``, ``routed_scaling_factor`` and the
     per-expert selection bias buffer (grouped sigmoid), ``capacity_factor`` (Switch:
-    ``None`` drops nothing; Expert Choice), ``jitter_eps`` (Switch: multiplies the
+    default 1.0, ``None`` drops nothing; Expert Choice: default 1.0), ``jitter_eps`` (Switch: multiplies the
     router input by U(1-eps, 1+eps) while training), ``noise`` (noisy top-k).
 
     Loss coefficients: ``aux_loss_coef`` weighs the router's balancing losses
     (``load_balancing``; ``importance`` and ``load`` for noisy top-k), ``z_loss_coef``
-    the router z-loss.
+    the router z-loss (both finite and ``>= 0``).
+
+    ``top_k`` and ``capacity_factor`` default per router (``None`` where the router has no
+    such option); setting one the router ignores (``router="switch", top_k=2``,
+    ``router="softmax_topk", capacity_factor=1.25``) is a ``ValueError`` rather than an
+    option that silently does nothing.
 
     Kernel options (:mod:`moe_kernels.options`; ``None`` = the process default):
     ``combine`` (``"fused"``/``"separate"``), ``recompute_h``, ``gemm_config`` (a mapping of
@@ -47,7 +130,7 @@ class MoEConfig:
     hidden_size: int
     intermediate_size: int
     num_experts: int
-    top_k: int = 2
+    top_k: int | None = ROUTER_DEFAULT
     router: str = "softmax_topk"
     activation: str = "swiglu"
     alpha: float = 1.702
@@ -57,7 +140,7 @@ class MoEConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
-    capacity_factor: float | None = 1.0
+    capacity_factor: float | None = ROUTER_DEFAULT
     jitter_eps: float = 0.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -72,10 +155,17 @@ class MoEConfig:
         check_int("intermediate_size", self.intermediate_size, low=1)
         check_int("num_experts", self.num_experts, low=1)
         self.router = router_name(self.router)
+        self._resolve_router_defaults()
         self.kernel_options()  # validates the kernel option fields
-        if self.router in ("softmax_topk", "grouped_sigmoid_topk", "noisy_topk"):
+        if self.router in _TOPK_ROUTERS:
             check_int("top_k", self.top_k, low=1, high=self.num_experts)
         Activation(self.activation, self.alpha, self.limit)
+        check_bool("renormalize", self.renormalize)
+        check_bool("bias", self.bias)
+        check_float("aux_loss_coef", self.aux_loss_coef, low=0.0)
+        check_float("z_loss_coef", self.z_loss_coef, low=0.0)
+        check_float("jitter_eps", self.jitter_eps)
+        check_float("routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
         if self.router == "expert_choice" or (self.router == "switch" and self.capacity_factor is not None):
             check_positive_float("capacity_factor", self.capacity_factor)
         if not (0.0 <= self.jitter_eps < 1.0):
@@ -88,6 +178,21 @@ class MoEConfig:
                 raise ValueError(f"n_group: expected a divisor of num_experts={self.num_experts}, got {self.n_group}")
             check_int("topk_group", self.topk_group, low=1, high=self.n_group)
 
+    def _resolve_router_defaults(self) -> None:
+        r = self.router
+        if self.top_k is ROUTER_DEFAULT:
+            self.top_k = 2 if r in _TOPK_ROUTERS else 1 if r == "switch" else None
+        elif r == "switch" and self.top_k != 1 and self.top_k is not None:
+            raise ValueError(f"top_k: router 'switch' routes each token to 1 expert; got top_k={self.top_k!r} "
+                             f"(use router='softmax_topk' for k > 1, or leave top_k unset)")
+        elif r not in _TOPK_ROUTERS and r != "switch" and self.top_k is not None:
+            raise ValueError(f"top_k: not an option of router {r!r} (it is ignored there); got top_k={self.top_k!r}, "
+                             f"leave it unset")
+        if self.capacity_factor is ROUTER_DEFAULT:
+            self.capacity_factor = 1.0 if r in _CAPACITY_ROUTERS else None
+        elif r not in _CAPACITY_ROUTERS and self.capacity_factor is not None:
+            raise ValueError(f"capacity_factor: not an option of router {r!r} (only 'switch' and 'expert_choice' "
+                             f"have a capacity); got capacity_factor={self.capacity_factor!r}, leave it unset")
 
     def kernel_options(self) -> KernelOptions:
         """The config's kernel option fields as :class:`~moe_kernels.options.KernelOptions`."""
@@ -130,9 +235,25 @@ def add_parameters(module: nn.Module, config: MoEConfig, activation: Activation,
     module.w2 = nn.Parameter(torch.empty(el, h, i, **factory))
     module.b13 = nn.Parameter(torch.zeros(el, n * i, **factory)) if c.bias else None
     module.b2 = nn.Parameter(torch.zeros(el, h, **factory)) if c.bias else None
+    warn_if_unavailable(c.backend)
 
 
-class MoE(nn.Module):
+def warn_if_unavailable(backend: str) -> None:
+    """Warn at construction when ``backend`` can run on no device of this process (the
+    CPU, and each CUDA device if any): the first forward would raise with the same
+    reason. A warning, not an error: the device is only known at the forward."""
+    if backend == "auto":
+        return
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    reasons = [unavailable_reason(backend, d) for d in devices]
+    if all(r is not None for r in reasons):
+        warnings.warn(f"backend={backend!r} is not available on any device of this process, so the first forward "
+                      f"will raise: {'; '.join(f'{d}: {r}' for d, r in zip(devices, reasons))}", stacklevel=4)
+
+
+class MoE(StepOutputs, nn.Module):
     """A Mixture-of-Experts layer with a fused expert computation.
 
     Parameters: ``router_weight`` [E, H] (the router's linear map), ``w13`` [E, n*I, H]
@@ -160,8 +281,7 @@ class MoE(nn.Module):
         act = Activation(c.activation, c.alpha, c.limit)
         self.activation = act
         add_parameters(self, c, act, c.num_experts, device=device, dtype=dtype)
-        self.losses: dict[str, torch.Tensor] = {}
-        self.aux_loss: torch.Tensor | None = None
+        self._step_state()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -186,6 +306,9 @@ class MoE(nn.Module):
         """Router logits and routing for ``x2d`` [T, H] (training-mode noise included);
         ``backend``: the resolved backend object (default: the config's for ``x2d``)."""
         c = self.config
+        if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2 or x2d.shape[1] != c.hidden_size:
+            raise ValueError(f"x2d: expected a [T, hidden_size={c.hidden_size}] tensor, got "
+                             f"{tuple(x2d.shape) if isinstance(x2d, torch.Tensor) else type(x2d).__name__}")
         router_in = router_jitter(x2d, c.jitter_eps, self.training) if c.router == "switch" else x2d
         logits = router_in @ self.router_weight.t()
         backend = backend or get_backend(c.backend, x2d.device)
@@ -209,6 +332,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
+        step = self._step_state()
+        step.clear()  # a forward that raises leaves nothing of the previous step readable
         if x.shape[-1] != c.hidden_size:
             raise ValueError(f"x: expected last dimension hidden_size={c.hidden_size}, got shape {tuple(x.shape)}")
         x2d = x.reshape(-1, c.hidden_size).contiguous()
@@ -221,10 +346,14 @@ class MoE(nn.Module):
         backend = get_backend(c.backend, x2d.device)
         routing = self.route(x2d, backend)
         if x2d.shape[0] == 0:
-            out = x2d * 0  # empty, but connected to x for autograd
+            out = empty_output(x2d, params, routing)  # empty, but connected for autograd
+            load = torch.zeros(c.num_experts, dtype=torch.int32, device=x2d.device)
         else:
             opts = c.kernel_options()
-            out = backend.experts(x2d, backend.plan(routing, params, opts), params, opts)
-        self.losses = routing.losses
-        self.aux_loss = weighted_aux_loss(routing.losses, c.aux_loss_coef, c.z_loss_coef, x2d)
+            plan = backend.plan(routing, params, opts)
+            out = backend.experts(x2d, plan, params, opts)
+            load = plan.expert_counts
+        step.losses = routing.losses
+        step.aux_loss = weighted_aux_loss(routing.losses, c.aux_loss_coef, c.z_loss_coef, x2d)
+        step.expert_load = load.detach()
         return out.reshape(x.shape)

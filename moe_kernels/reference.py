@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .activations import apply_activation
+from .functional import check_inputs
 from .params import ExpertParams
 from .routing import Routing
 
@@ -21,7 +22,12 @@ __all__ = ["moe_reference"]
 def moe_reference(x: torch.Tensor, routing: Routing, params: ExpertParams) -> torch.Tensor:
     """``out[t] = sum over slots s of t of  w[s] * Expert_{e[s]}(x[t])``; dropped slots
     (expert id ``E``) contribute nothing. Differentiable in ``x``, the weights and
-    ``routing.slot_weight``."""
+    ``routing.slot_weight``. Validates its arguments like :func:`moe_kernels.fused_experts`
+    (a routing for other experts or another batch is a ``ValueError``)."""
+    if not isinstance(params, ExpertParams):
+        raise ValueError(f"params: expected an ExpertParams (moe_kernels.expert_params(...)), "
+                         f"got {type(params).__name__}")
+    check_inputs(x, params, routing)
     t, h = x.shape
     out = torch.zeros(t, h, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     token = routing.slot_token.long()

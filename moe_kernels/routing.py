@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_finite, check_int, check_positive_float, check_tensor, value_checks_enabled
+from ._checks import (FLOAT_DTYPES, check_bool, check_finite, check_float, check_int, check_positive_float, check_tensor,
+                      value_checks_enabled)
 
 __all__ = [
     "Routing",
@@ -131,6 +132,15 @@ class Routing:
     def num_slots(self) -> int:
         return self.slot_token.shape[0]
 
+    def expert_load(self) -> torch.Tensor:
+        """Valid slots per expert (dropped slots excluded): int32 [E] on the routing's
+        device, computed there without a host sync (a scatter-add, not ``bincount``,
+        whose output size would have to come from the device)."""
+        e = self.num_experts
+        counts = torch.zeros(e + 1, dtype=torch.int32, device=self.slot_expert.device)
+        counts.scatter_add_(0, self.slot_expert.long(), torch.ones_like(self.slot_expert))
+        return counts[:e]
+
     @classmethod
     def from_topk(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                   losses: dict | None = None) -> "Routing":
@@ -198,11 +208,15 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022): ``mean_t logsumexp(logits[t])^2``.
 
     Penalises large router logits, which keeps the router's softmax numerically
-    stable in low precision. Returns 0 for T = 0."""
+    stable in low precision. Returns 0 for T = 0.
+
+    A float64 0-d tensor: ``logsumexp`` itself is stable in the routing dtype, but its
+    square overflows float32 once a logit passes ~1.8e19 (1e20 gives 1e40), so the
+    square and the mean run in float64."""
     check_logits(logits)
     if logits.shape[0] == 0:
-        return logits.new_zeros((), dtype=route_dtype(logits))
-    return torch.logsumexp(logits.to(route_dtype(logits)), dim=-1).square().mean()
+        return logits.new_zeros((), dtype=torch.float64)
+    return torch.logsumexp(logits.to(route_dtype(logits)), dim=-1).to(torch.float64).square().mean()
 
 
 def switch_load_balancing_loss(probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -234,6 +248,7 @@ def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     ``k`` times this one; scale ``aux_loss_coef`` accordingly when porting a recipe."""
     t, e = check_logits(logits)
     check_int("top_k", top_k, low=1, high=e)
+    check_bool("renormalize", renormalize)
     probs = torch.softmax(logits.to(route_dtype(logits)), dim=-1)
     w, ids = topk_lowest_first(probs, top_k)
     if renormalize:
@@ -299,6 +314,7 @@ def grouped_sigmoid_topk(
     their weights."""
     t, e = check_logits(logits)
     check_grouped_options(logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
+    check_bool("renormalize", renormalize)
     dt = route_dtype(logits)
     scores = torch.sigmoid(logits.to(dt))
     choice = scores if bias is None else scores + bias.detach().to(dt)
@@ -339,6 +355,8 @@ def noisy_topk(
     count of tokens per expert."""
     t, e = check_logits(clean_logits, "clean_logits")
     check_int("top_k", top_k, low=1, high=e)
+    check_bool("training", training)
+    check_float("noise_epsilon", noise_epsilon, low=0.0)
     dt = route_dtype(clean_logits)
     clean = clean_logits.to(dt)
     use_noise = training and noise_logits is not None
@@ -350,8 +368,11 @@ def noisy_topk(
         std = F.softplus(noise_logits.to(dt)) + noise_epsilon
         if noise is None:
             noise = torch.randn_like(clean)
-        elif noise.shape != clean.shape:
-            raise ValueError(f"noise: expected shape {tuple(clean.shape)}, got {tuple(noise.shape)}")
+        else:
+            check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES, contiguous=False)
+            if noise.shape != clean.shape:
+                raise ValueError(f"noise: expected shape {tuple(clean.shape)}, got {tuple(noise.shape)}")
+            check_finite("noise", noise)
         logits = clean + noise.to(dt) * std
     else:
         logits = clean
@@ -374,9 +395,19 @@ def noisy_topk(
     return _token_major(ids, w, e, losses)
 
 
+def _capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    # min(T, ceil(cf * T / E)), decided before the float reaches int: a huge factor
+    # (1e30, or one whose product overflows to inf) means "drop nothing", not an
+    # OverflowError when the capacity meets an int64 tensor.
+    c = capacity_factor * num_tokens / num_experts
+    return num_tokens if not c < num_tokens else int(math.ceil(c))
+
+
 def switch_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-    """Switch expert capacity: ``ceil(capacity_factor * T / E)``."""
-    return int(math.ceil(capacity_factor * num_tokens / num_experts))
+    """Switch expert capacity: ``ceil(capacity_factor * T / E)`` (the router caps it at
+    ``T``, which drops the same tokens: no expert is offered more than ``T``)."""
+    c = capacity_factor * num_tokens / num_experts
+    return int(math.ceil(c)) if math.isfinite(c) else num_tokens
 
 
 def switch(logits: torch.Tensor, capacity_factor: float | None = 1.0) -> Routing:
@@ -395,7 +426,7 @@ def switch(logits: torch.Tensor, capacity_factor: float | None = 1.0) -> Routing
     losses = {"load_balancing": switch_load_balancing_loss(probs, expert)}
     if capacity_factor is not None:
         check_positive_float("capacity_factor", capacity_factor)
-        cap = switch_capacity(t, e, capacity_factor)
+        cap = _capacity(t, e, capacity_factor)
         one_hot = F.one_hot(expert, e).to(torch.int32)
         position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(-1) - 1  # rank of t within its expert
         keep = position < cap
@@ -408,7 +439,7 @@ def switch(logits: torch.Tensor, capacity_factor: float | None = 1.0) -> Routing
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """Expert Choice capacity: ``C = ceil(capacity_factor * T / E)``, at most ``T``."""
-    return min(num_tokens, int(math.ceil(capacity_factor * num_tokens / num_experts)))
+    return _capacity(num_tokens, num_experts, capacity_factor)
 
 
 def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing:

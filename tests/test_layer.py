@@ -177,7 +177,8 @@ def test_layer_under_autocast_casts_weights_and_trains_fp32_masters(router):
     # Edge: bf16 activations from autocast meet float32 parameters; the layer must cast
     # like nn.Linear does, return bf16, and give float32 gradients to the masters.
     torch.manual_seed(3)
-    layer = MoE(hidden_size=24, intermediate_size=40, num_experts=5, top_k=2, router=router, backend="torch")
+    topk = {"top_k": 2} if router == "softmax_topk" else {}  # Switch routes to 1 expert: top_k is not its option
+    layer = MoE(hidden_size=24, intermediate_size=40, num_experts=5, router=router, backend="torch", **topk)
     x = torch.randn(2, 7, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)

@@ -17,6 +17,7 @@ global aux loss counted once per rank, see parallel.py "Gradients").
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -273,6 +274,99 @@ def _failure_suite(rank, world, outdir):
     os._exit(0)  # the group is broken now; skip destroy_process_group
 
 
+# Ranks built differently (rank 0's value, rank 1's value): each must raise a ValueError
+# naming the field on both ranks, within the process-group timeout, and never abort.
+MISMATCHES = [
+    # different expert counts: the count exchange would differ in size (gloo abort)
+    ("num_experts", dict(num_experts=(4, 6), top_k=2), {}),
+    # different hidden size: the row exchange would differ in size
+    ("hidden_size", dict(num_experts=4, top_k=2, hidden_size=(H, H + 2)), {}),
+    ("intermediate_size", dict(num_experts=4, top_k=2, intermediate_size=(I, I + 1)), {}),
+    # different dtype sizes (fp32 vs fp64): row bytes differ
+    ("dtype", dict(num_experts=4, top_k=2), {"dtype": ("float32", "float64")}),
+    # same size, different meaning: bf16 rows read as fp16 gave garbage silently
+    ("dtype", dict(num_experts=4, top_k=2), {"dtype": ("bfloat16", "float16")}),
+    # top_k, activation, capacity factor: no size difference, but a per-rank "global" aux loss
+    ("top_k", dict(num_experts=4, top_k=(1, 2)), {}),
+    ("activation", dict(num_experts=4, top_k=2, activation=("swiglu", "gelu")), {}),
+    ("capacity_factor", dict(num_experts=4, router="switch", capacity_factor=(1.0, 0.5)), {}),
+    ("capacity_factor", dict(num_experts=4, router="expert_choice", capacity_factor=(1.0, 2.0)), {}),
+    ("renormalize", dict(num_experts=4, top_k=2, renormalize=(True, False)), {}),
+    # different routers run different collectives: both ranks timed out, group unusable
+    ("router", dict(num_experts=4, top_k=1, router=("softmax_topk", "switch")), {}),
+    ("router", dict(num_experts=4, router=("switch", "expert_choice")), {}),
+    ("router", dict(num_experts=4, router=("expert_choice", "softmax_topk")), {}),
+]
+
+
+def _pick(v, rank):
+    return v[rank] if isinstance(v, tuple) else v
+
+
+def _mismatch_suite(rank, world, outdir):
+    """Every MISMATCHES case, then the failures after a first good forward (a dtype change
+    on one rank), the functional API, and a normal step proving the group still works."""
+    from moe_kernels import MoE, MoEConfig
+    from moe_kernels.parallel import ExpertParallelMoE, expert_parallel_moe
+
+    res = {}
+    for i, (field, cfg, opts) in enumerate(MISMATCHES):
+        kw = {k: _pick(v, rank) for k, v in cfg.items()}
+        kw.setdefault("hidden_size", H)
+        kw.setdefault("intermediate_size", I)
+        dtype = getattr(torch, _pick(opts.get("dtype", "float32"), rank))
+        torch.manual_seed(0)
+        layer = ExpertParallelMoE(MoEConfig(backend="torch", **kw), dtype=dtype)
+        x = torch.randn(5, kw["hidden_size"], dtype=dtype)
+        res[f"{i}:{field}"] = dict(_timed(lambda: layer(x)), field=field)
+    # a good first forward, then rank 1 moves its layer to float64: caught by the hash in
+    # the count exchange (the fingerprint was exchanged already), named by a re-exchange
+    torch.manual_seed(0)
+    layer = ExpertParallelMoE(MoEConfig(hidden_size=H, intermediate_size=I, num_experts=4, top_k=2, backend="torch"))
+    x = torch.randn(5, H)
+    res["first_forward_ok"] = _timed(lambda: layer(x))
+    if rank == 1:
+        layer.double()
+    res["dtype_changed_later"] = dict(_timed(lambda: layer(x.to(layer.w13.dtype))), field="dtype")
+    # the functional API checks on every call
+    g = torch.Generator().manual_seed(3)
+    xf = torch.randn(4, H, generator=g)
+    logits = torch.randn(4, 4, generator=g)
+    w13, w2 = torch.randn(2, 2 * I, H, generator=g), torch.randn(2, H, I, generator=g)
+    res["functional_top_k"] = dict(_timed(lambda: expert_parallel_moe(
+        xf, logits, w13, w2, router="softmax_topk", top_k=1 + rank, backend="torch")), field="top_k")
+    res["functional_router"] = dict(_timed(lambda: expert_parallel_moe(
+        xf, logits, w13, w2, router=("switch", "expert_choice")[rank], backend="torch")), field="router")
+    # deepcopy after a forward with grad (the step's non-leaf aux_loss made it raise)
+    torch.manual_seed(0)
+    layer = ExpertParallelMoE(MoEConfig(hidden_size=H, intermediate_size=I, num_experts=4, top_k=2, backend="torch",
+                                        z_loss_coef=0.1))
+    out = layer(x.clone().requires_grad_())
+    (out.sum() + layer.aux_loss).backward()
+    twin = {}
+    res["deepcopy_after_forward"] = _timed(lambda: twin.setdefault("m", copy.deepcopy(layer)))
+    res["deepcopy_state_empty"] = twin.get("m") is not None and twin["m"].aux_loss is None
+    # auxiliary-loss-free balancing: the loads of both ranks are summed, so the update
+    # equals the single-process one on the concatenated batch and stays replicated
+    from moe_kernels.balance import update_selection_bias
+    full, _ = _build(dict(num_experts=4, top_k=2, router="grouped_sigmoid_topk", n_group=2, topk_group=1), {})
+    ep = ExpertParallelMoE.from_moe(full)
+    xs, _ = _batches([5, 8], torch.float64, {})
+    full(torch.cat(xs))
+    ep(xs[rank])
+    update_selection_bias(full, rate=0.125)
+    update_selection_bias(ep, rate=0.125)
+    res["balance_bias_error"] = _err(ep.selection_bias, full.selection_bias)
+    res["balance_bias_moved"] = float((full.selection_bias - _build(
+        dict(num_experts=4, top_k=2, router="grouped_sigmoid_topk", n_group=2, topk_group=1), {})[0].selection_bias
+                                       ).abs().max())
+    # the group still works: a normal step matches the single-process layer
+    res["after_mismatches"] = _run_case(("after", dict(num_experts=4, top_k=2, router="softmax_topk"), [3, 4], {}),
+                                        rank, world)
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump({"mismatch": res}, f)
+
+
 def _device_suite(rank, world, outdir):
     """World size 1 on the default device (NCCL on a GPU): the layer on the device equals
     the single-process layer, and its forward synchronises with the host exactly where
@@ -333,13 +427,17 @@ def _worker(suite, outdir):
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = FAIL_PG_TIMEOUT_S if suite == "failure" else PG_TIMEOUT_S
+    timeout = FAIL_PG_TIMEOUT_S if suite in ("failure", "mismatch") else PG_TIMEOUT_S
     backend = "nccl" if suite == "device" and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(0)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     if suite == "failure":
         _failure_suite(rank, world, outdir)
+    if suite == "mismatch":
+        _mismatch_suite(rank, world, outdir)
+        dist.destroy_process_group()
+        return
     if suite == "device":
         _device_suite(rank, world, outdir)
         dist.destroy_process_group()
@@ -489,6 +587,30 @@ def test_failing_rank_raises_everywhere():
     r0 = res[0]["crash_in_experts"]
     assert r0["raised"] is not None, "rank 0 returned although rank 1 never sent its results"
     assert r0["seconds"] < FAIL_PG_TIMEOUT_S + 10
+
+
+def test_ranks_built_differently_raise_everywhere():
+    # Each case of MISMATCHES: a ValueError naming the field on both ranks, well within the
+    # process-group timeout; no rank aborts (the launcher sees exit code 0 on both).
+    run = _launch(2, "mismatch", bound_s=90)
+    _check_launch(run, 2)
+    assert run["codes"] == [0, 0], f"a rank died: codes {run['codes']}, logs {run['logs']}"
+    res = {r: v["mismatch"] for r, v in run["results"].items()}
+    cases = [k for k, v in res[0].items() if isinstance(v, dict) and "field" in v]
+    assert len(cases) == len(MISMATCHES) + 3
+    for case in cases:
+        for rank in (0, 1):
+            r = res[rank][case]
+            assert r["raised"] == "ValueError", f"{case}: rank {rank} raised {r['raised']} ({r.get('message')})"
+            assert r["message"].startswith(r["field"] + ":"), f"{case}: rank {rank}: {r['message']}"
+            assert "rank 0" in r["message"] and "rank 1" in r["message"]
+            assert r["seconds"] < FAIL_PG_TIMEOUT_S, f"{case}: rank {rank} took {r['seconds']:.1f}s (waited for a timeout)"
+    for rank in (0, 1):
+        assert res[rank]["first_forward_ok"]["raised"] is None, res[rank]["first_forward_ok"]
+        assert res[rank]["deepcopy_after_forward"]["raised"] is None, res[rank]["deepcopy_after_forward"]
+        assert res[rank]["deepcopy_state_empty"]
+        assert res[rank]["balance_bias_error"] <= 1e-12 and res[rank]["balance_bias_moved"] > 0
+        _assert_case({rank: {"after": res[rank]["after_mismatches"]}}, "after")
 
 
 @pytest.mark.gpu

@@ -98,9 +98,13 @@ def bf16_interpreter():
     if not interpreting():
         yield
         return
+    import warnings
+
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter as ip
+
+    from moe_kernels.backends.triton import InterpreterBf16Warning
 
     TH, bf16, f32 = ip.TensorHandle, tl.bfloat16, tl.float32
 
@@ -174,7 +178,9 @@ def bf16_interpreter():
     for cls, name, fn in patches:
         setattr(cls, name, fn)
     try:
-        yield
+        with warnings.catch_warnings():  # the package's warning is about exactly what this shim fixes
+            warnings.simplefilter("ignore", InterpreterBf16Warning)
+            yield
     finally:
         for cls, name, fn in saved:
             setattr(cls, name, fn)

@@ -11,11 +11,16 @@ before each optimizer step and :meth:`ExpertParallelMoE.broadcast_replicated_` o
 
 Forward on rank ``r`` with its batch ``x_r`` [T_r, H]:
 
+0. at the first forward only: compare every rank's configuration fingerprint (experts,
+   sizes, dtype, router and its options, activation; :mod:`.fingerprint`), so a rank
+   built differently raises a ``ValueError`` naming the field on every rank instead of
+   aborting the process (gloo), hanging, or computing garbage;
+
 1. route locally with the same routers (:func:`moe_kernels.parallel.routing.route_local`);
    Switch and Expert Choice exchange what their *global* capacity needs (below);
-2. count exchange: one ``all_to_all_single`` of an [R, E_local + 3] int64 table per
+2. count exchange: one ``all_to_all_single`` of an [R, E_local + 4] int64 table per
    rank (rows sent to each expert of each rank, ``T_r``, a failure flag, the
-   ``num_global_tokens`` hint), then **the host sync** that every variable-split
+   ``num_global_tokens`` hint, a hash of the layer's configuration fingerprint), then **the host sync** that every variable-split
    all-to-all needs (``.tolist()`` of the counts);
 3. send each valid slot's input row to the rank owning its expert (``all_to_all_single``
    with those splits), sorted by expert, so a receiver gets, per source rank, rows
@@ -57,9 +62,10 @@ Capacity is global, as in the papers. The global batch is rank-major
 
 Host synchronisations per forward (all on every rank, in this order):
 
+* The first forward only: the fingerprint check (``.tolist()`` of an [R, 26] gather).
 * Expert Choice only, without ``num_global_tokens``: ``T_global`` (``.tolist()`` of an
   [R, 2] gather).
-* The count exchange (step 2): one ``.tolist()`` of [R + R*(E_local+3)] integers -
+* The count exchange (step 2): one ``.tolist()`` of [R + R*(E_local+4)] integers -
   the sync the variable-split all-to-alls need; it also carries every rank's ``T_r``
   and failure flag.
 * None in backward: the splits are saved from the forward.
@@ -95,13 +101,19 @@ from ..activations import Activation
 from ..backends import get_backend
 from ..primitives import combine_slots, zero_link
 from ..functional import check_inputs
-from ..layer import MoE, MoEConfig, add_parameters, router_options
+from ..layer import MoE, MoEConfig, StepOutputs, add_parameters, router_options
 from ..options import KernelOptions
 from ..params import ExpertParams, expert_params
 from .comm import all_to_all, group_rank_world
+from .fingerprint import check_fingerprint, fingerprint, fingerprint_hash, layer_fingerprint, options_fingerprint
 from .routing import LocalRouting, raise_if_failed, route_local
 from ..plan import build_plan_torch
-from ..routing import Routing, router_jitter, weighted_aux_loss
+from ..routing import ROUTER_ALIASES, Routing, router_jitter, weighted_aux_loss
+
+
+def router_name_of(router) -> str:
+    """The canonical name of ``router`` when it is one (unknown names raise later, alike on every rank)."""
+    return ROUTER_ALIASES.get(router, router) if isinstance(router, str) else router
 
 __all__ = ["ExpertParallelMoE", "expert_parallel_experts", "expert_parallel_moe", "local_expert_range"]
 
@@ -128,13 +140,17 @@ def expert_parallel_experts(
     num_global_tokens: int | None = None,
     stats: dict | None = None,
     options: KernelOptions | None = None,
+    fingerprint_: list[int] | None = None,
 ) -> torch.Tensor:
     """Dispatch this rank's slots to the ranks that own their experts, run the local
     experts (``params``: this rank's ``E_local`` experts) on what arrives, bring the
     results back and combine them per token: the expert half of the layer (steps 2-6 of
     the module docstring). ``x`` [T_r, H]; returns [T_r, H]. ``num_global_tokens``: the
     caller's hint, checked against the ranks' counts. ``stats`` (a dict) receives the
-    host-side split sizes and byte counts; ``local.info`` the tokens per rank."""
+    host-side split sizes and byte counts; ``local.info`` the tokens per rank.
+    ``fingerprint_``: the caller's configuration fingerprint
+    (:mod:`moe_kernels.parallel.fingerprint`); its hash travels in the count exchange and a
+    difference raises the same ``ValueError`` on every rank before any row is sent."""
     rank, world = group_rank_world(group)
     routing = local.routing
     e, e_local = routing.num_experts, params.num_experts
@@ -144,17 +160,21 @@ def expert_parallel_experts(
     t, h = x.shape
     plan = build_plan_torch(routing, 1)  # bookkeeping only: sort by expert, token -> slots
     # Header row for each destination: rows for each of its experts, then T_r, failure
-    # flag and num_global_tokens hint (-1: none) - so every rank can check every rank.
-    width = e_local + 3
+    # flag, num_global_tokens hint (-1: none) and configuration hash - so every rank can
+    # check every rank.
+    width = e_local + 4
     header = torch.empty(world, width, dtype=torch.long, device=dev)
     header[:, :e_local] = plan.expert_counts.view(world, e_local)
     header[:, e_local] = t
     header[:, e_local + 1] = int(local.failure is not None)
     header[:, e_local + 2] = -1 if num_global_tokens is None else num_global_tokens
+    header[:, e_local + 3] = 0 if fingerprint_ is None else fingerprint_hash(fingerprint_)
     received = all_to_all(header, [1] * world, [1] * world, group)  # one row per peer
     host = torch.cat([header[:, :e_local].sum(1), received.reshape(-1)]).tolist()  # THE host sync
     send_splits = host[:world]
     table = [host[world + r * width: world + (r + 1) * width] for r in range(world)]
+    if len({row[e_local + 3] for row in table}) > 1:  # every rank sees it: all exchange and raise alike
+        check_fingerprint(fingerprint_ or fingerprint(), group, dev)
     raise_if_failed([row[e_local + 1] for row in table], local.failure)
     recv_splits = [sum(row[:e_local]) for row in table]
     tokens = [row[e_local] for row in table]
@@ -224,6 +244,7 @@ def expert_parallel_moe(
     z_loss: bool = False,
     num_global_tokens: int | None = None,
     return_routing: bool = False,
+    check_ranks: bool = True,
     **router_options,
 ):
     """The functional twin of :func:`moe_kernels.moe` under expert parallelism:
@@ -234,8 +255,24 @@ def expert_parallel_moe(
     ``routing.losses``. Every rank of ``group`` must call it with the same options.
     A bad ``x`` or ``router_logits`` on one rank raises on every rank (at the count
     exchange); bad weights raise at once, before any collective (they are expected to be
-    alike on every rank)."""
+    alike on every rank).
+
+    ``check_ranks``: first compare every rank's router, router options, expert sizes,
+    dtype and activation (:mod:`~moe_kernels.parallel.fingerprint`: one small
+    ``all_gather`` and a host sync) and raise the same ``ValueError`` on every rank,
+    naming the field, when they differ. ``False`` skips that exchange (then a difference
+    may hang, abort the process in gloo or give wrong results)."""
     params = expert_params(w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
+    act = params.activation
+    fp = options_fingerprint(
+        router_name_of(router), router_options, num_experts=params.num_experts * group_rank_world(group)[1],
+        num_local_experts=params.num_experts, hidden_size=params.hidden_size,
+        intermediate_size=params.intermediate_size, dtype=params.dtype, activation=act.name,
+        alpha=act.alpha if act.name == "swiglu_oai" else None, limit=act.limit if act.name == "swiglu_oai" else None,
+        interleaved=interleaved, bias=b13 is not None or b2 is not None, z_loss=z_loss,
+        training=training if router_name_of(router) == "noisy_topk" else None)
+    if check_ranks:
+        check_fingerprint(fp, group, params.w13.device, what="expert_parallel_moe call")
     failure = None
     try:
         check_inputs(x, params)
@@ -252,12 +289,13 @@ def expert_parallel_moe(
                         failure=failure)
     if local.failure is not None:
         x = x.new_zeros(0, x.shape[1])
-    out = expert_parallel_experts(x, local, params, group, backend=backend, num_global_tokens=num_global_tokens)
+    out = expert_parallel_experts(x, local, params, group, backend=backend, num_global_tokens=num_global_tokens,
+                                  fingerprint_=fp if check_ranks else None)
     local.finish_losses(group, local.info["num_global_tokens"])
     return (out, local.routing) if return_routing else out
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(StepOutputs, nn.Module):
     """A :class:`~moe_kernels.layer.MoE` whose experts are spread over a process group.
 
     Parameters as in ``MoE`` except that ``w13`` [E_local, n*I, H], ``w2`` [E_local, H,
@@ -289,9 +327,9 @@ class ExpertParallelMoE(nn.Module):
         self.num_local_experts = stop - self.expert_start
         self.activation = act = Activation(c.activation, c.alpha, c.limit)
         add_parameters(self, c, act, self.num_local_experts, device=device, dtype=dtype)
-        self.losses: dict[str, torch.Tensor] = {}
-        self.aux_loss: torch.Tensor | None = None
+        self._step_state()
         self.last_dispatch: dict = {}
+        self._ranks_checked = False  # the fingerprint exchange runs at the first forward
         self.reset_parameters()
 
     @classmethod
@@ -358,6 +396,13 @@ class ExpertParallelMoE(nn.Module):
         the sum of every rank's token count, if known (spares Expert Choice a host
         sync; a wrong value raises on every rank). Every rank must call it."""
         c = self.config
+        step = self._step_state()
+        step.clear()  # a forward that raises leaves nothing of the previous step readable
+        # Before any other collective: a rank built differently must raise, not abort or hang.
+        fp = layer_fingerprint(c, self.w13.dtype, self.num_local_experts, self.training)
+        if not self._ranks_checked:
+            check_fingerprint(fp, self.group, self.router_weight.device, what="ExpertParallelMoE")
+            self._ranks_checked = True
         failure = None
         try:
             if x.shape[-1] != c.hidden_size:
@@ -386,9 +431,10 @@ class ExpertParallelMoE(nn.Module):
             x2d = x2d.new_zeros(0, c.hidden_size)  # routing failed here: the empty batch goes on
         stats: dict = {}
         out = expert_parallel_experts(x2d, local, params, self.group, backend=c.backend, options=c.kernel_options(),
-                                      num_global_tokens=num_global_tokens, stats=stats)
+                                      num_global_tokens=num_global_tokens, stats=stats, fingerprint_=fp)
         self.last_dispatch = {**stats, **{k: v for k, v in local.info.items() if k != "tokens_per_rank"}}
         losses = local.finish_losses(self.group, local.info["num_global_tokens"])
-        self.losses = losses
-        self.aux_loss = weighted_aux_loss(losses, c.aux_loss_coef, c.z_loss_coef, x2d)
+        step.losses = losses
+        step.aux_loss = weighted_aux_loss(losses, c.aux_loss_coef, c.z_loss_coef, x2d)
+        step.expert_load = local.routing.expert_load().detach()
         return out.reshape(x.shape)

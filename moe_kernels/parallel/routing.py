@@ -284,7 +284,7 @@ def route_local(
         part = _local_phase(lg, router, opts, training, backend)
         if z_loss:
             part["stats"] = part["stats"] + [
-                torch.logsumexp(lg.to(route_dtype(lg)), dim=-1).square().sum().reshape(1)]
+                torch.logsumexp(lg.to(route_dtype(lg)), dim=-1).to(torch.float64).square().sum().reshape(1)]
         return part
 
     try:
@@ -309,11 +309,12 @@ def route_local(
     routing.losses = {}
     stats = part["stats"]
     dt = route_dtype(logits)
-    vec = torch.cat([s.reshape(-1).to(dt) for s in stats]) if stats else logits.new_zeros(0, dtype=dt)
+    vt = torch.float64 if z_loss else dt  # the z-loss sum overflows float32 past |logit| ~1.8e19
+    vec = torch.cat([s.reshape(-1).to(vt) for s in stats]) if stats else logits.new_zeros(0, dtype=vt)
 
     def finish_all(g, tg):
         n_router = g.shape[0] - (1 if z_loss else 0)
-        losses = finish(g[:n_router], tg)
+        losses = finish(g[:n_router].to(dt), tg)
         if z_loss:
             losses["z_loss"] = _div(g[n_router], tg)
         return losses

@@ -11,8 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
-__all__ = ["interpreting", "check_device", "on_device", "unavailable_reason"]
+__all__ = ["interpreting", "check_device", "on_device", "unavailable_reason", "InterpreterBf16Warning",
+           "warn_if_bf16_interpreted"]
+
+
+class InterpreterBf16Warning(UserWarning):
+    """bf16 tensors reached Triton kernels running in the interpreter."""
+
+
+def warn_if_bf16_interpreted(*tensors) -> None:
+    """Warn when bf16 CPU tensors meet the Triton interpreter: it stores bf16 as raw
+    integers and does integer math on them, so the results are garbage (max |out| 8e9
+    where 2.9 is right), with no error of its own."""
+    if interpreting() and any(t is not None and str(t.dtype) == "torch.bfloat16" and t.device.type == "cpu"
+                              for t in tensors):
+        warnings.warn("bfloat16 under the Triton interpreter (TRITON_INTERPRET=1) gives wrong results: the "
+                      "interpreter does integer math on bf16 bits. Use float32 or float16 there, or "
+                      "backend='torch' on the CPU", InterpreterBf16Warning, stacklevel=4)
 
 
 def interpreting() -> bool:

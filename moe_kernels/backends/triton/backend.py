@@ -25,7 +25,7 @@ from ...plan import DispatchPlan, build_plan_torch
 from ...primitives import fused_topk_args
 from ...routing import Routing, route
 from ..base import Backend
-from . import unavailable_reason
+from . import unavailable_reason, warn_if_bf16_interpreted
 from .configs import capability_of, layer_block_m
 from .experts import moe_experts
 from .plan import build_plan_triton
@@ -43,6 +43,7 @@ class TritonBackend(Backend):
         return unavailable_reason(device)
 
     def route(self, logits: torch.Tensor, router: str, options: dict) -> Routing:
+        warn_if_bf16_interpreted(logits)
         args = fused_topk_args(router, options)
         if (args is not None and logits.dim() == 2 and logits.shape[0] > 0 and logits.dtype in _FUSED_DTYPES
                 and TRITON.fuses_routing(logits.shape[1], args.top_k)):
@@ -61,4 +62,5 @@ class TritonBackend(Backend):
 
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:
+        warn_if_bf16_interpreted(x, params.w13)
         return moe_experts(x, plan, params, options)
