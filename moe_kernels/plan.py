@@ -18,11 +18,11 @@ is their pure-PyTorch twin (``build_plan_torch``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_int, deep_checks_enabled
+from ._checks import _compiling, check_int, deep_checks_enabled
 from .routing import Routing
 
 __all__ = ["DispatchPlan", "PLAN_INDEX_FIELDS", "build_plan", "build_plan_torch", "max_padded_rows"]
@@ -101,6 +101,10 @@ class DispatchPlan:
     block_expert: torch.Tensor
     token_slots: torch.Tensor
     top_k: int | None = None
+    # ``expert_offsets`` as a Python list when the builder already read it on the host
+    # (the CPU builder does, to skip work when nothing is dropped); ``None`` otherwise.
+    # Not an init field: ``dataclasses.replace`` never carries a stale copy over.
+    host_offsets: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_slots(self) -> int:
@@ -240,32 +244,40 @@ def _token_slots(routing: Routing, valid: torch.Tensor) -> torch.Tensor:
 def _build_plan_rows_cpu(routing: Routing) -> DispatchPlan:
     """:func:`build_plan_torch` for ``block_m = 1`` on the CPU in the fewest ops (the
     torch backend builds one per layer call): int32 throughout, counts by ``bincount``,
-    the padded order the sorted order."""
+    the padded order the sorted order, and one host read of the offsets (which the
+    torch experts need anyway) to skip the masking when no slot is dropped."""
     e, s = routing.num_experts, routing.num_slots
     i32 = torch.int32
     se = routing.slot_expert
     counts = torch.bincount(se, minlength=e + 1)[:e]
     offsets = torch.zeros(e + 1, dtype=i32)
     torch.cumsum(counts, 0, out=offsets[1:])
+    host = offsets.tolist()
     sorted_expert, perm = torch.sort(se, stable=True)
     perm32 = perm.to(i32)
-    position = torch.empty_like(perm32).scatter_(0, perm, torch.arange(s, dtype=i32))
-    kept = sorted_expert < e
-    valid = se < e
-    if routing.top_k is not None and routing.top_k == routing.max_slots_per_token:
-        token_slots = torch.where(valid, torch.arange(s, dtype=i32), -1).view(routing.num_tokens, routing.top_k)
+    slots = torch.arange(s, dtype=i32)
+    position = torch.empty_like(perm32).scatter_(0, perm, slots)
+    token_major = routing.top_k is not None and routing.top_k == routing.max_slots_per_token
+    if host[-1] == s:  # nothing dropped
+        padded_slot, block_expert = perm32, sorted_expert
+        token_slots = slots.view(routing.num_tokens, routing.top_k) if token_major else None
     else:
-        token_slots = _token_slots(routing, valid).to(i32).contiguous()
-    return DispatchPlan.from_fields(routing, 1, (
-        counts.to(i32), offsets, perm32, position, offsets, torch.where(kept, perm32, -1),
-        torch.where(kept, sorted_expert, -1), token_slots))
+        kept = sorted_expert < e
+        padded_slot, block_expert = torch.where(kept, perm32, -1), torch.where(kept, sorted_expert, -1)
+        token_slots = torch.where(se < e, slots, -1).view(routing.num_tokens, routing.top_k) if token_major else None
+    if token_slots is None:
+        token_slots = _token_slots(routing, se < e).to(i32).contiguous()
+    plan = DispatchPlan.from_fields(routing, 1, (counts.to(i32), offsets, perm32, position, offsets, padded_slot,
+                                                 block_expert, token_slots))
+    object.__setattr__(plan, "host_offsets", host)
+    return plan
 
 
 def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
     """Build the :class:`DispatchPlan` of ``routing`` with ordinary torch ops (no host
     synchronisation on a GPU). The reference for the Triton and CUDA plan kernels."""
     check_int("block_m", block_m, low=1)
-    if block_m == 1 and routing.slot_token.device.type == "cpu":
+    if block_m == 1 and routing.slot_token.device.type == "cpu" and not _compiling():
         return _build_plan_rows_cpu(routing)
     e, t = routing.num_experts, routing.num_tokens
     s, k = routing.num_slots, routing.max_slots_per_token

@@ -66,7 +66,7 @@ def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if a.device.type == "cpu":
-        if a.dtype not in (torch.float32, torch.bfloat16):
+        if a.dtype is not torch.float32 and a.dtype is not torch.bfloat16:
             return False
         size = a.element_size()
         return ((a.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
@@ -108,7 +108,8 @@ def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
                 torch.mm(a[lo:hi], w[ex].t(), out=out[lo:hi])
             else:
                 torch.addmm(b[ex], a[lo:hi], w[ex].t(), out=out[lo:hi])
-    out[v:] = 0  # rows of dropped slots: unwritten by either method
+    if v < s:
+        out[v:] = 0  # rows of dropped slots: unwritten by either method
     return out
 
 
@@ -215,7 +216,9 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
     if _compiling():
         return _grouped_linear_op(a, w, b, offs_t, method)
     offs = offsets if offsets is not None else offs_t.tolist()
-    return _GroupedLinear.apply(a, w, b, offs_t, offs, method)
+    if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _GroupedLinear.apply(a, w, b, offs_t, offs, method)
+    return _fwd_impl(a, w, b, offs_t, offs, method)  # inference: no autograd node to build
 
 
 def _grouped_device(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:

@@ -48,7 +48,9 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
     # deterministic one on each device.
     rows = x[src.long()] if x.is_cuda else x.index_select(0, src)
     # One host read of the offsets (CPU: no device sync), shared by both matmuls.
-    offsets = plan.expert_offsets.tolist() if x.device.type == "cpu" and not _compiling() else None
+    offsets = None
+    if x.device.type == "cpu" and not _compiling():
+        offsets = plan.host_offsets if plan.host_offsets is not None else plan.expert_offsets.tolist()
     h13 = grouped_linear(rows, params.w13, params.b13, plan, offsets=offsets)
     hidden = apply_activation(h13, params.activation, params.interleaved)
     y = grouped_linear(hidden, params.w2, params.b2, plan, offsets=offsets)
