@@ -38,6 +38,14 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     return debug_checks()
 
 
+def deep_checks_enabled() -> bool:
+    """Whether the expensive internal consistency checks (a plan's invariants) run:
+    ``MOE_KERNELS_DEBUG=1`` on any device, never while compiling or capturing."""
+    if _compiling() or not debug_checks():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def check_tensor(
     name: str,
     t: object,

@@ -18,11 +18,11 @@ is their pure-PyTorch twin (``build_plan_torch``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_int, value_checks_enabled
+from ._checks import _compiling, check_int, deep_checks_enabled
 from .routing import Routing
 
 __all__ = ["DispatchPlan", "PLAN_INDEX_FIELDS", "build_plan", "build_plan_torch", "max_padded_rows"]
@@ -72,8 +72,8 @@ class DispatchPlan:
                                  slot's cell), so readers skip it, never stop at it
     ================  =========  ==========================================================
 
-    Invariants (checked in ``__post_init__``: shapes and dtypes always; values on the CPU
-    or with ``MOE_KERNELS_DEBUG=1``):
+    Invariants (checked in ``__post_init__``: shapes and dtypes always; values with
+    ``MOE_KERNELS_DEBUG=1``, or by calling :meth:`check_values`):
 
     1. ``sum(expert_counts) == V`` = number of slots with ``slot_expert < E``.
     2. ``sorted_slot`` is a permutation of ``0..S-1``; ``slot_position[sorted_slot[p]] == p``.
@@ -101,6 +101,10 @@ class DispatchPlan:
     block_expert: torch.Tensor
     token_slots: torch.Tensor
     top_k: int | None = None
+    # ``expert_offsets`` as a Python list when the builder already read it on the host
+    # (the CPU builder does, to skip work when nothing is dropped); ``None`` otherwise.
+    # Not an init field: ``dataclasses.replace`` never carries a stale copy over.
+    host_offsets: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_slots(self) -> int:
@@ -145,15 +149,19 @@ class DispatchPlan:
             "block_expert": (p // self.block_m,), "token_slots": (t, k),
         }
         dev = self.slot_token.device
+        i32 = torch.int32
         for name, shape in shapes.items():
             v = getattr(self, name)
-            if tuple(v.shape) != shape:
+            if v.shape != shape:
                 raise ValueError(f"DispatchPlan.{name}: expected shape {shape}, got {tuple(v.shape)}")
-            if name != "slot_weight" and v.dtype != torch.int32:
+            if v.dtype != i32 and name != "slot_weight":
                 raise ValueError(f"DispatchPlan.{name}: expected int32, got {v.dtype}")
             if v.device != dev:
                 raise ValueError(f"DispatchPlan.{name}: expected device {dev}, got {v.device}")
-        if value_checks_enabled(self.slot_token):
+        # The value checks read the data back many times: the API boundary checks the
+        # routing, and a plan built from a valid routing is valid by construction, so
+        # they run in debug mode only (MOE_KERNELS_DEBUG=1, any device).
+        if deep_checks_enabled():
             self.check_values()
 
     def check_values(self) -> None:
@@ -180,7 +188,7 @@ class DispatchPlan:
             fail("sorted_slot is a permutation")
         if s and not torch.equal(self.slot_position.long()[perm], torch.arange(s, device=dev)):
             fail("slot_position is the inverse of sorted_slot")
-        # Vectorised (no Python loop over experts): these checks run on every CPU plan.
+        # Vectorised (no Python loop over experts): cheap enough for debug runs on large plans.
         experts = torch.arange(e, device=dev)
         pos_expert = torch.full((s,), e, dtype=torch.long, device=dev)
         pos_expert[:v] = torch.repeat_interleave(experts, counts)  # counts are exact by now
@@ -209,41 +217,12 @@ class DispatchPlan:
             fail("token_slots[t] holds slots of token t")
 
 
-def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
-    """Build the :class:`DispatchPlan` of ``routing`` with ordinary torch ops (no host
-    synchronisation on a GPU). The reference for the Triton and CUDA plan kernels."""
-    check_int("block_m", block_m, low=1)
-    e, t = routing.num_experts, routing.num_tokens
-    s, k = routing.num_slots, routing.max_slots_per_token
+def _token_slots(routing: Routing, valid: torch.Tensor) -> torch.Tensor:
+    """The plan's ``token_slots`` [T, K] (int64) of ``routing``; ``valid`` [S] marks the
+    slots with ``slot_expert < E``."""
+    t, s, k = routing.num_tokens, routing.num_slots, routing.max_slots_per_token
     dev = routing.slot_token.device
-    i32 = torch.int32
     se = routing.slot_expert.long()
-    valid = se < e
-
-    counts_all = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, se, torch.ones_like(se))
-    counts = counts_all[:e]
-    offsets = torch.zeros(e + 1, dtype=torch.long, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
-    sorted_expert, perm = torch.sort(se, stable=True)
-    position = torch.empty_like(perm)
-    position[perm] = torch.arange(s, device=dev)
-
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    poffs = torch.zeros(e + 1, dtype=torch.long, device=dev)
-    poffs[1:] = torch.cumsum(padded_counts, 0)
-    p = max_padded_rows(s, e, block_m)
-    # Sorted position q of expert x lands on padded row poffs[x] + (q - offsets[x]);
-    # dropped positions land on the dump row p, sliced off.
-    clamp_expert = sorted_expert.clamp(max=e - 1)
-    rows = poffs[clamp_expert] + torch.arange(s, device=dev) - offsets[clamp_expert]
-    rows = torch.where(sorted_expert < e, rows, torch.full_like(rows, p))
-    padded_slot = torch.full((p + 1,), -1, dtype=torch.long, device=dev).scatter_(0, rows, perm)[:p]
-
-    nb = p // block_m
-    block_start = torch.arange(nb, device=dev) * block_m
-    block_expert = torch.searchsorted(poffs[1:].contiguous(), block_start, right=True)
-    block_expert = torch.where(block_expert < e, block_expert, torch.full_like(block_expert, -1))
-
     if routing.top_k is not None:
         slots = torch.arange(s, device=dev)
         token_slots = torch.where(valid, slots, torch.full_like(slots, -1)).view(t, routing.top_k)
@@ -259,7 +238,86 @@ def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
         cell = torch.where(key_sorted < t, key_sorted * k + rank, torch.full_like(rank, t * k))
         token_slots = torch.full((t * k + 1,), -1, dtype=torch.long, device=dev).scatter_(0, cell, by_token)[:t * k]
         token_slots = token_slots.view(t, k)
+    return token_slots
 
+
+def _build_plan_rows_cpu(routing: Routing) -> DispatchPlan:
+    """:func:`build_plan_torch` for ``block_m = 1`` on the CPU in the fewest ops (the
+    torch backend builds one per layer call): int32 throughout, counts by ``bincount``,
+    the padded order the sorted order, and one host read of the offsets (which the
+    torch experts need anyway) to skip the masking when no slot is dropped."""
+    e, s = routing.num_experts, routing.num_slots
+    i32 = torch.int32
+    se = routing.slot_expert
+    counts = torch.bincount(se, minlength=e + 1)[:e]
+    offsets = torch.zeros(e + 1, dtype=i32)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    host = offsets.tolist()
+    sorted_expert, perm = torch.sort(se, stable=True)
+    perm32 = perm.to(i32)
+    slots = torch.arange(s, dtype=i32)
+    position = torch.empty_like(perm32).scatter_(0, perm, slots)
+    token_major = routing.top_k is not None and routing.top_k == routing.max_slots_per_token
+    if host[-1] == s:  # nothing dropped
+        padded_slot, block_expert = perm32, sorted_expert
+        token_slots = slots.view(routing.num_tokens, routing.top_k) if token_major else None
+    else:
+        kept = sorted_expert < e
+        padded_slot, block_expert = torch.where(kept, perm32, -1), torch.where(kept, sorted_expert, -1)
+        token_slots = torch.where(se < e, slots, -1).view(routing.num_tokens, routing.top_k) if token_major else None
+    if token_slots is None:
+        token_slots = _token_slots(routing, se < e).to(i32).contiguous()
+    plan = DispatchPlan.from_fields(routing, 1, (counts.to(i32), offsets, perm32, position, offsets, padded_slot,
+                                                 block_expert, token_slots))
+    object.__setattr__(plan, "host_offsets", host)
+    return plan
+
+
+def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
+    """Build the :class:`DispatchPlan` of ``routing`` with ordinary torch ops (no host
+    synchronisation on a GPU). The reference for the Triton and CUDA plan kernels."""
+    check_int("block_m", block_m, low=1)
+    if block_m == 1 and routing.slot_token.device.type == "cpu" and not _compiling():
+        return _build_plan_rows_cpu(routing)
+    e, t = routing.num_experts, routing.num_tokens
+    s, k = routing.num_slots, routing.max_slots_per_token
+    dev = routing.slot_token.device
+    i32 = torch.int32
+    se = routing.slot_expert.long()
+    valid = se < e
+
+    counts_all = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, se, torch.ones_like(se))
+    counts = counts_all[:e]
+    offsets = torch.zeros(e + 1, dtype=torch.long, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_expert, perm = torch.sort(se, stable=True)
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(s, device=dev)
+
+    if block_m == 1:
+        # One-row blocks: the padded order is the sorted order (P = S), dropped rows -1.
+        poffs = offsets
+        kept = sorted_expert < e
+        padded_slot = torch.where(kept, perm, -1)
+        block_expert = torch.where(kept, sorted_expert, -1)
+    else:
+        padded_counts = (counts + block_m - 1) // block_m * block_m
+        poffs = torch.zeros(e + 1, dtype=torch.long, device=dev)
+        poffs[1:] = torch.cumsum(padded_counts, 0)
+        p = max_padded_rows(s, e, block_m)
+        # Sorted position q of expert x lands on padded row poffs[x] + (q - offsets[x]);
+        # dropped positions land on the dump row p, sliced off.
+        clamp_expert = sorted_expert.clamp(max=e - 1)
+        rows = poffs[clamp_expert] + torch.arange(s, device=dev) - offsets[clamp_expert]
+        rows = torch.where(sorted_expert < e, rows, torch.full_like(rows, p))
+        padded_slot = torch.full((p + 1,), -1, dtype=torch.long, device=dev).scatter_(0, rows, perm)[:p]
+
+        nb = p // block_m
+        block_start = torch.arange(nb, device=dev) * block_m
+        block_expert = torch.searchsorted(poffs[1:].contiguous(), block_start, right=True)
+        block_expert = torch.where(block_expert < e, block_expert, torch.full_like(block_expert, -1))
+
+    token_slots = _token_slots(routing, valid)
     return DispatchPlan.from_fields(routing, block_m, (
         counts.to(i32), offsets.to(i32), perm.to(i32), position.to(i32), poffs.to(i32), padded_slot.to(i32),
         block_expert.to(i32), token_slots.to(i32).contiguous()))

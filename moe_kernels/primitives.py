@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import _compiling
 from .plan import DispatchPlan
 from .routing import Routing, topk_load_balancing_loss
 
-__all__ = ["combine_slots", "zero_link", "grouped_linear", "TopkArgs", "fused_topk_args", "routing_from_topk"]
+__all__ = ["combine_slots", "zero_link", "grouped_linear", "grouped_method", "TopkArgs", "fused_topk_args", "routing_from_topk"]
 
 
 def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,17 @@ def zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
     return link
 
 
+# On the CPU the torch backend picks its grouped-matmul method by regime. A Python loop
+# over the *active* experts costs a few microseconds of dispatch per expert but touches
+# only their weights; torch._grouped_mm runs one C++ mm per expert, empty or not, with
+# no Python per expert. Up to this many possibly-active experts (min(S, E), known from
+# the shapes alone) the loop wins on every default bench shape (docs/PERFORMANCE.md).
+LOOP_MAX_SEGMENTS = 24
+GROUPED_METHODS = ("loop", "grouped_mm")
+# Tests pin a method here to cover every path the dispatcher can choose.
+_forced_method: str | None = None
+
+
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: on the CPU (fp32, bf16) it
     needs 16-byte-aligned row strides; on CUDA we use it for bf16 on sm_90+, where it is
@@ -54,33 +66,183 @@ def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if a.device.type == "cpu":
-        if a.dtype not in (torch.float32, torch.bfloat16):
+        if a.dtype is not torch.float32 and a.dtype is not torch.bfloat16:
             return False
         size = a.element_size()
-        return (a.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0 and w.stride(-1) in (1, w.shape[-2])
+        return ((a.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
+                and (w.shape[-1] * size) % 16 == 0 and w.stride(-1) in (1, w.shape[-2]))
     return (a.is_cuda and a.dtype == torch.bfloat16
             and a.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
             and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
-def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:
+def grouped_method(a: torch.Tensor, w: torch.Tensor, num_slots: int, num_experts: int) -> str:
+    """``"loop"`` or ``"grouped_mm"`` for rows ``a`` [S, K] and weights ``w`` [E, N, K],
+    from static shapes only (the same choice in eager and under ``torch.compile``)."""
+    if _forced_method is not None:
+        return _forced_method if _forced_method == "loop" or _grouped_mm_ok(a, w) else "loop"
+    if not _grouped_mm_ok(a, w):
+        return "loop"
+    if a.device.type == "cpu" and min(num_slots, num_experts) <= LOOP_MAX_SEGMENTS:
+        return "loop"
+    return "grouped_mm"
+
+
+def _active(offs: list[int]) -> list[tuple[int, int, int]]:
+    return [(ex, offs[ex], offs[ex + 1]) for ex in range(len(offs) - 1) if offs[ex + 1] > offs[ex]]
+
+
+def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
+    """``out[r] = a[r] @ w[e]^T + b[e]`` for row ``r`` of segment ``e``; rows ``>= V`` zero."""
+    s, n, v = a.shape[0], w.shape[1], offs[-1]
+    if method == "grouped_mm":
+        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs_t[1:])
+        if b is not None and v:
+            counts = offs_t[1:] - offs_t[:-1]
+            pos = torch.repeat_interleave(torch.arange(w.shape[0], device=a.device), counts, output_size=v)
+            out[:v] += b.index_select(0, pos)
+    else:
+        out = a.new_empty(s, n)
+        for ex, lo, hi in _active(offs):
+            if b is None:
+                torch.mm(a[lo:hi], w[ex].t(), out=out[lo:hi])
+            else:
+                torch.addmm(b[ex], a[lo:hi], w[ex].t(), out=out[lo:hi])
+    if v < s:
+        out[v:] = 0  # rows of dropped slots: unwritten by either method
+    return out
+
+
+def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
+    """Gradients of :func:`_fwd_impl`: one matmul (or row sum) per expert and per
+    operand, each element reduced in a fixed order (no atomics: bitwise repeatable)."""
+    s, k = a.shape
+    e, n, _ = w.shape
+    v = offs[-1]
+    if method == "grouped_mm":
+        ga = torch._grouped_mm(g, w, offs=offs_t[1:])
+        ga[v:] = 0
+        gt = g.t()
+        gw = torch._grouped_mm(gt, a, offs=offs_t[1:])
+        gb = torch._grouped_mm(gt, g.new_ones(s, 16 // g.element_size()), offs=offs_t[1:])[..., 0] if has_bias else None
+        empty = [ex for ex in range(e) if offs[ex + 1] == offs[ex]]
+        if empty:  # no rows: no mm ran for these experts
+            idx = torch.tensor(empty, device=g.device)
+            gw.index_fill_(0, idx, 0)
+            if gb is not None:
+                gb.index_fill_(0, idx, 0)
+        return ga, gw, gb
+    ga = g.new_zeros(s, k)
+    gw = w.new_zeros(e, n, k)
+    gb = w.new_zeros(e, n) if has_bias else None
+    for ex, lo, hi in _active(offs):
+        torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
+        torch.mm(g[lo:hi].t(), a[lo:hi], out=gw[ex])
+        if gb is not None:
+            torch.sum(g[lo:hi], 0, out=gb[ex])
+    return ga, gw, gb
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, w, b, offs_t, offs, method):
+        ctx.save_for_backward(a, w, offs_t)
+        ctx.offs, ctx.method, ctx.has_bias = offs, method, b is not None
+        return _fwd_impl(a, w, b, offs_t, offs, method)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w, offs_t = ctx.saved_tensors
+        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method)
+        return ga, gw.to(w.dtype), gb, None, None, None
+
+
+# Under torch.compile the same two functions run as opaque custom ops: the loop's host
+# read of the offsets and torch._grouped_mm's CPU float32 path (its fake kernel accepts
+# bf16 only) would otherwise break the graph or fail to trace.
+@torch.library.custom_op("moe_kernels::grouped_linear_fwd", mutates_args=())
+def _grouped_linear_op(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offs_t: torch.Tensor,
+                       method: str) -> torch.Tensor:
+    return _fwd_impl(a, w, b, offs_t, offs_t.tolist(), method)
+
+
+@_grouped_linear_op.register_fake
+def _(a, w, b, offs_t, method):
+    return a.new_empty(a.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moe_kernels::grouped_linear_bwd", mutates_args=())
+def _grouped_linear_bwd_op(g: torch.Tensor, a: torch.Tensor, w: torch.Tensor, has_bias: bool, offs_t: torch.Tensor,
+                           method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ga, gw, gb = _bwd_impl(g.contiguous(), a, w, has_bias, offs_t, offs_t.tolist(), method)
+    return ga, gw, (gb if gb is not None else w.new_zeros(0))
+
+
+@_grouped_linear_bwd_op.register_fake
+def _(g, a, w, has_bias, offs_t, method):
+    e, n, k = w.shape
+    return a.new_empty(a.shape), w.new_empty(e, n, k), w.new_empty((e, n) if has_bias else (0,))
+
+
+def _op_setup(ctx, inputs, output):
+    a, w, b, offs_t, method = inputs
+    ctx.save_for_backward(a, w, offs_t)
+    ctx.method, ctx.has_bias = method, b is not None
+
+
+def _op_backward(ctx, g):
+    a, w, offs_t = ctx.saved_tensors
+    ga, gw, gb = _grouped_linear_bwd_op(g, a, w, ctx.has_bias, offs_t, ctx.method)
+    return ga, gw, (gb if ctx.has_bias else None), None, None
+
+
+_grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan, *,
+                   method: str | None = None, offsets: list[int] | None = None) -> torch.Tensor:
     """Rows of ``a`` [S, K] in expert order times ``w[e]^T`` ([E, N, K]) plus ``b[e]``;
-    rows past the valid ones (dropped slots) come out zero. Returns [S, N]."""
+    rows past the valid ones (dropped slots) come out zero. Returns [S, N].
+
+    ``method`` (default :func:`grouped_method`): ``"loop"``, one matmul per *active*
+    expert (reads the offsets on the host once: pass them as ``offsets`` to share one
+    read between calls), or ``"grouped_mm"``, ``torch._grouped_mm`` over every expert.
+    Backward is explicit (one matmul per expert and operand): deterministic, and no
+    whole-weight temporaries per expert."""
+    method = method or grouped_method(a, w, plan.num_slots, plan.num_experts)
+    if a.device.type != "cpu":
+        return _grouped_device(a, w, b, plan) if method == "grouped_mm" else _loop_autograd(a, w, b, plan)
+    offs_t = plan.expert_offsets
+    if _compiling():
+        return _grouped_linear_op(a, w, b, offs_t, method)
+    offs = offsets if offsets is not None else offs_t.tolist()
+    if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _GroupedLinear.apply(a, w, b, offs_t, offs, method)
+    return _fwd_impl(a, w, b, offs_t, offs, method)  # inference: no autograd node to build
+
+
+def _grouped_device(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:
+    """``torch._grouped_mm`` on a GPU with no host sync: valid rows found on the device."""
+    e = w.shape[0]
+    pos_expert = plan.slot_expert.long()[plan.sorted_slot.long()]
+    valid = (pos_expert < e).unsqueeze(1)
+    # _grouped_mm leaves rows past the last offset (dropped slots) unwritten, in its
+    # output and in the gradient of ``a``: select them away on both sides (a select,
+    # not a multiply, so garbage or inf there never becomes NaN).
+    a = torch.where(valid, a, a.new_zeros(()))
+    out = torch._grouped_mm(a, w.transpose(-2, -1), offs=plan.expert_offsets[1:])
+    out = torch.where(valid, out, out.new_zeros(()))
+    if b is not None:
+        out = out + torch.where(valid, b[pos_expert.clamp(max=e - 1)], b.new_zeros(()))
+    return out
+
+
+def _loop_autograd(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:
+    """The GPU fallback (no grouped kernel for these operands): autograd through a loop
+    over the non-empty segments, after one host sync for their sizes."""
     s = a.shape[0]
     e, n, _ = w.shape
-    if _grouped_mm_ok(a, w):
-        pos_expert = plan.slot_expert.long()[plan.sorted_slot.long()]
-        valid = (pos_expert < e).unsqueeze(1)
-        # _grouped_mm leaves rows past the last offset (dropped slots) unwritten, in its
-        # output and in the gradient of ``a``: select them away on both sides (a select,
-        # not a multiply, so garbage or inf there never becomes NaN).
-        a = torch.where(valid, a, a.new_zeros(()))
-        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=plan.expert_offsets[1:])
-        out = torch.where(valid, out, out.new_zeros(()))
-        if b is not None:
-            out = out + torch.where(valid, b[pos_expert.clamp(max=e - 1)], b.new_zeros(()))
-        return out
-    counts = plan.expert_counts.tolist()  # a host sync; the loop needs sizes
+    counts = plan.expert_counts.tolist()
     pieces, start = [], 0
     for ex, c in enumerate(counts):
         if c:

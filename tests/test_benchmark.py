@@ -17,12 +17,14 @@ from moe_kernels.bench.providers import (
     PROVIDERS,
     build_calls,
     grouped_mm_pipeline,
+    expert_load,
     make_inputs,
     make_weights,
     parse_providers,
     rotation_copies,
 )
-from moe_kernels.bench.report import COLUMNS, CsvWriter, format_seconds, format_table, read_csv
+from moe_kernels.bench.report import (COLUMNS, CsvWriter, fastest_summary, format_seconds, format_table, load_summary,
+                                      plot_title, read_csv)
 from moe_kernels.bench.roofline import (
     SHAPES,
     ModelShape,
@@ -261,6 +263,50 @@ def test_format_table_text_and_markdown():
     assert format_seconds(2.5e-6) == "2.5us" and format_seconds(0.0125) == "12.50ms"
 
 
+def _timed(provider, t, ms, frac=0.5, bound="memory", mode="fwd"):
+    return dict(_row(provider, t, frac), median_ms=ms, bound=bound, mode=mode)
+
+
+def test_format_table_speedups_legend_and_verdict():
+    rows = [_timed("torch", 1, 1.0), _timed("reference", 1, 2.0), _timed("hf_eager", 1, 1.5),
+            _timed("hf_grouped_mm", 1, 0.8), _timed("torch:layer", 1, 0.1),  # whole layer: never compared
+            _timed("torch", 16, 1.0, frac=1.3), _timed("reference", 16, 4.0), _timed("hf_eager", 16, 2.5)]
+    text = format_table(rows)
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("T "))
+    assert header.split()[-4:] == ["x", "ref", "x", "peer"]
+    row1 = next(line for line in text.splitlines() if line.lstrip().startswith("1 "))
+    assert row1.split()[-2:] == ["2.00x", "0.80x"]  # against reference 2.0 ms and best peer hf_grouped_mm 0.8 ms
+    row16 = next(line for line in text.splitlines() if line.lstrip().startswith("16 "))
+    assert row16.split()[-2:] == ["4.00x", "2.50x"]
+    assert "130%(m)" in row16 and "stayed in cache" in text  # above the roofline: flagged with its reason
+    assert "floor = max(FLOPs" in text and "bound = " in text and "fraction of the roofline" in text
+    assert text.splitlines()[-1].startswith("Fastest provider per cell: ")
+    assert "torch in 1 of 2" in text and "hf_grouped_mm in 1 of 2" in text
+    md = format_table(rows, markdown=True)
+    assert "| x ref | x peer |" in md and "_floor = max(FLOPs" in md
+    # compute-bound above 100%: blamed on the measured peak
+    assert "(c)" in format_table([_timed("torch", 1, 1.0, frac=1.5, bound="compute"), _timed("reference", 1, 2.0)])
+    assert "peak measured" in format_table([_timed("torch", 1, 1.0, frac=1.5, bound="compute")])
+    assert fastest_summary([_timed("torch", 1, 1.0), _timed("reference", 1, 3.0)]).startswith(
+        "Fastest provider: torch in every one of the 1 cells")
+
+
+def test_plot_title_names_only_measured_modes():
+    assert "dashed" not in plot_title([_timed("torch", 1, 1.0)]) and "forward only" in plot_title([_timed("torch", 1, 1.0)])
+    both = plot_title([_timed("torch", 1, 1.0), _timed("torch", 1, 2.0, mode="fwdbwd")])
+    assert "dashed = forward+backward" in both
+
+
+def test_load_summary_from_plan_counts():
+    shape = scaled_shape(SHAPES["olmoe"], "tiny")
+    uniform = expert_load(make_inputs(shape, 64, torch.float32, torch.device("cpu"), copies=1))
+    skewed = expert_load(make_inputs(shape, 64, torch.float32, torch.device("cpu"), routing="skewed", copies=1))
+    assert sum(uniform) == sum(skewed) == 64 * shape.top_k and len(skewed) == shape.num_experts
+    assert max(skewed) > 2 * max(uniform)
+    text = load_summary({"olmoe": (64, "skewed", skewed)})
+    assert f"512 slots on 64 experts, busiest {max(skewed)}" in text
+
+
 def test_parse_pytest_log():
     log = "\n".join([
         "tests/test_a.py::test_one PASSED                                  [ 20%]",
@@ -322,8 +368,10 @@ def test_bench_end_to_end_cpu(tmp_path, capsys):
         if r["provider"] == "torch:routing":
             assert r["frac_roofline"] == ""  # no FLOPs to speak of
     assert (out / "results.md").read_text().count("|---|") >= 4
+    assert "Expert load (the plan's expert_counts)" in printed and "Fastest provider" in printed
     if HAS_MPL:
         assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (out / "roofline.png").exists()
 

@@ -199,12 +199,16 @@ def corruptions(plan: DispatchPlan) -> dict:
 
 
 @pytest.mark.parametrize("case", list(corruptions(base_plan())))
-def test_each_invariant_check_fires(case):
+def test_each_invariant_check_fires(case, monkeypatch):
     plan = base_plan()
     change = corruptions(plan)[case]
-    # through __post_init__ (value checks run on the CPU)
+    # not on the hot path: without debug mode only shapes and dtypes are checked
+    dataclasses.replace(plan, **change)
+    # through __post_init__ in debug mode
+    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
     with pytest.raises(ValueError, match="invariant violated"):
         dataclasses.replace(plan, **change)
+    monkeypatch.delenv("MOE_KERNELS_DEBUG")
     # and through check_values() on a plan corrupted after construction
     for field, value in change.items():
         object.__setattr__(plan, field, value)

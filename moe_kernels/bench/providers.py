@@ -27,10 +27,11 @@ from ..backends import BACKEND_NAMES, available_backends, get_backend
 from .roofline import ModelShape, expert_weight_bytes
 from ..functional import fused_experts, moe
 from ..params import ExpertParams, expert_params
+from ..plan import build_plan_torch
 from ..reference import moe_reference
 from ..routing import Routing, softmax_topk
 
-__all__ = ["Weights", "Inputs", "Provider", "PROVIDERS", "make_weights", "make_inputs", "build_calls",
+__all__ = ["Weights", "Inputs", "Provider", "PROVIDERS", "make_weights", "make_inputs", "build_calls", "expert_load",
            "default_providers", "parse_providers", "rotation_copies"]
 
 
@@ -120,6 +121,12 @@ def make_inputs(shape: ModelShape, num_tokens: int, dtype: torch.dtype, device: 
         active = int(torch.unique(r.slot_expert[r.slot_expert < e]).numel())
         out.append(Inputs(x, logits, routing_leaf, dout, active))
     return out
+
+
+def expert_load(inputs: list[Inputs]) -> list[int]:
+    """Slots per expert of one call (the first input set), read from the dispatch plan's
+    ``expert_counts`` (what the kernels see; dropped slots not counted)."""
+    return build_plan_torch(inputs[0].routing, 1).expert_counts.tolist() if inputs else []
 
 
 # --------------------------------------------------------------------------- providers

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["COLUMNS", "run_metadata", "CsvWriter", "read_csv", "format_table", "write_plot", "Progress",
-           "format_seconds"]
+__all__ = ["COLUMNS", "run_metadata", "CsvWriter", "read_csv", "format_table", "write_plot", "write_load_plot",
+           "Progress", "format_seconds", "speedups", "fastest_summary", "LEGEND", "load_summary", "plot_title"]
 
 COLUMNS = [
     "date", "commit", "device", "device_name", "torch", "triton", "transformers", "moe_kernels",
@@ -135,38 +135,94 @@ def _num(v) -> float:
         return float("nan")
 
 
+# The moe_kernels backends (their experts-only providers carry the plain name); every
+# other provider without a ':' suffix is a peer computing the same experts step.
+_OURS = ("torch", "triton", "cuda")
+_OVER_ROOF = {"memory": "m", "compute": "c"}
+
+LEGEND = ["floor = max(FLOPs / peak matmul rate, fewest bytes / copy bandwidth), peaks measured in this run; "
+          "bound = the term that sets it",
+          "N% = fraction of the roofline, floor / time (higher is better); x ref, x peer = our fastest backend's "
+          "speed-up over the reference loop and over the fastest peer in this run (> 1: ours is faster)"]
+OVER_NOTE = {"m": "above 100%, memory-bound: the weights stayed in cache between calls, so fewer bytes came "
+                  "from memory than the floor assumes",
+             "c": "above 100%, compute-bound: the matmul peak measured in this run is low for this size "
+                  "(a busy machine, or a kernel faster than the probe's)"}
+
+
 def _cell_text(row: dict) -> str:
     status = row.get("status", "")
     if status != "ok":
         return "skip" if status == "skipped" else "ERROR"
     t = format_seconds(_num(row.get("median_ms")) / 1e3)
     frac = _num(row.get("frac_roofline"))
-    return t if math.isnan(frac) else f"{t} {frac * 100:.0f}%"
+    if math.isnan(frac):
+        return t
+    flag = _OVER_ROOF.get(str(row.get("bound")), "m") if frac > 1.0 else ""
+    return f"{t} {frac * 100:.0f}%" + (f"({flag})" if flag else "")
+
+
+def _is_peer(name: str) -> bool:
+    return ":" not in name and name not in _OURS
+
+
+def _comparable(name: str) -> bool:
+    """Providers that time the experts step alone (not routing, not the whole layer)."""
+    return ":" not in name
+
+
+def _best(rows: Iterable[dict], keep) -> tuple[str, float] | None:
+    times = [(r["provider"], _num(r.get("median_ms"))) for r in rows
+             if r.get("status") == "ok" and keep(r["provider"])]
+    times = [(p, v) for p, v in times if not math.isnan(v)]
+    return min(times, key=lambda pv: pv[1]) if times else None
+
+
+def speedups(at_t: Sequence[dict]) -> tuple[str, str]:
+    """(``x ref``, ``x peer``) texts for one cell: our fastest backend against the
+    reference and against the fastest peer; ``-`` where a side is missing."""
+    ours = _best(at_t, lambda p: p in _OURS)
+    if ours is None:
+        return "-", "-"
+    ref = _best(at_t, lambda p: p == "reference")
+    peer = _best(at_t, lambda p: _is_peer(p) and p != "reference")
+    several = len({r["provider"] for r in at_t if r["provider"] in _OURS}) > 1
+    tag = f" {ours[0]}" if several else ""
+    return tuple("-" if side is None else f"{side[1] / ours[1]:.2f}x{tag}" for side in (ref, peer))
 
 
 def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
-    """One block per (mode, routing, dtype, shape): a row per T with the time floor and,
-    per provider, ``median time  fraction-of-roofline``. Works on CSV rows (strings)
-    and on the runner's rows (numbers) alike."""
+    """One block per (mode, routing, dtype, shape): a row per T with the time floor,
+    per provider ``median time  fraction-of-roofline``, and our speed-up over the
+    reference and over the best peer; a legend under each block and, at the end, which
+    provider was fastest how often. Works on CSV rows (strings) and on the runner's rows
+    (numbers) alike."""
     blocks: dict[tuple, list[dict]] = {}
     for r in rows:
         key = (r["mode"], r["routing"], r["dtype"], r["shape"], r["E"], r["k"], r["H"], r["I"])
         blocks.setdefault(key, []).append(r)
     out = []
+    flags_seen: set[str] = set()
     for (mode, routing, dtype, shape, e, k, h, i), rs in blocks.items():
         providers = list(dict.fromkeys(r["provider"] for r in rs))
         tokens = sorted({int(r["T"]) for r in rs})
         title = f"{shape} (E={e} k={k} H={h} I={i}) {mode} {dtype} {routing} routing"
-        header = ["T", "floor", "bound", *providers]
+        compare = any(p in _OURS for p in providers) and any(_is_peer(p) for p in providers)
+        header = ["T", "floor", "bound", *providers, *(["x ref", "x peer"] if compare else [])]
         body = []
         for t in tokens:
             at_t = [r for r in rs if int(r["T"]) == t]
             floor = next((_num(r["floor_ms"]) for r in at_t if not math.isnan(_num(r.get("floor_ms")))), float("nan"))
             bound = next((r["bound"] for r in at_t if r.get("bound")), "")
             by_p = {r["provider"]: r for r in at_t}
-            body.append([str(t), format_seconds(floor / 1e3), str(bound),
-                         *(_cell_text(by_p[p]) if p in by_p else "" for p in providers)])
-        out.append(_render(title, header, body, markdown))
+            cells = [_cell_text(by_p[p]) if p in by_p else "" for p in providers]
+            flags_seen.update(f for c in cells for f in _OVER_ROOF.values() if c.endswith(f"({f})"))
+            body.append([str(t), format_seconds(floor / 1e3), str(bound), *cells,
+                         *(speedups(at_t) if compare else [])])
+        legend = LEGEND + [f"({f}) {OVER_NOTE[f]}" for f in sorted(flags_seen)]
+        flags_seen.clear()
+        out.append(_render(title, header, body, markdown) + "\n" + ("\n" if markdown else "")
+                   + "\n".join(("_" + line + "_") if markdown else "  " + line for line in legend))
     # Notes that differ only in their numbers ("estimated 0.3 s", "1.1 s") collapse into one.
     groups: dict[str, list[str]] = {}
     for r in rows:
@@ -178,7 +234,37 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     if notes:
         out.append(("Skipped or failed cells:\n" if not markdown else "Skipped or failed cells:\n\n")
                    + "\n".join(("- " if markdown else "  ") + n for n in notes))
+    verdict = fastest_summary(rows)
+    if verdict:
+        out.append(verdict)
     return "\n\n".join(out)
+
+
+def fastest_summary(rows: Sequence[dict]) -> str:
+    """One sentence: over the cells where two or more providers timed the experts step,
+    which provider was fastest how often (``:layer`` and ``:routing`` rows excluded)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if _comparable(r["provider"]):
+            key = (r["mode"], r["routing"], r["dtype"], r["shape"], str(r["T"]))
+            cells.setdefault(key, []).append(r)
+    wins: dict[str, int] = {}
+    n = 0
+    for rs in cells.values():
+        if sum(r.get("status") == "ok" for r in rs) < 2:
+            continue
+        best = _best(rs, lambda p: True)
+        if best:
+            wins[best[0]] = wins.get(best[0], 0) + 1
+            n += 1
+    if not n:
+        return ""
+    order = sorted(wins.items(), key=lambda kv: -kv[1])
+    parts = [f"{p} in {c} of {n}" for p, c in order]
+    lead = order[0][0]
+    head = (f"Fastest provider: {lead} in every one of the {n} cells compared" if len(order) == 1 else
+            f"Fastest provider per cell: " + ", ".join(parts))
+    return head + " (experts step only; routing and whole-layer rows not counted)."
 
 
 def _render(title: str, header: list[str], body: list[list[str]], markdown: bool) -> str:
@@ -191,9 +277,20 @@ def _render(title: str, header: list[str], body: list[list[str]], markdown: bool
     return "\n".join([title, fmt.format(*header), *(fmt.format(*row) for row in body)])
 
 
+def plot_title(good: Sequence[dict]) -> str:
+    """The roofline plot's title; it explains the line styles only for what was measured
+    (a forward-only run gets no word about dashed forward+backward lines)."""
+    meta = good[0]
+    modes = {r["mode"] for r in good}
+    style = ("; solid = forward, dashed = forward+backward" if modes == {"fwd", "fwdbwd"} else
+             "; forward only" if modes == {"fwd"} else "; forward+backward only")
+    return (f"MoE layer vs roofline on {meta.get('device_name', '')} ({meta.get('dtype', '')}, "
+            f"{meta.get('routing', '')} routing{style})")
+
+
 def write_plot(rows: Sequence[dict], path: str) -> str | None:
     """Fraction of the roofline against T, one panel per shape, a line per provider
-    (dashed: forward+backward). Returns the path, or ``None`` (with a message on
+    (dashed: forward+backward, said in the title only when both were measured). Returns the path, or ``None`` (with a message on
     stderr) when matplotlib is missing or nothing has a roofline."""
     try:
         import matplotlib
@@ -235,11 +332,57 @@ def write_plot(rows: Sequence[dict], path: str) -> str | None:
     for ax in list(axes.flat)[len(shapes):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    meta = good[0]
-    fig.suptitle(f"MoE layer vs roofline on {meta.get('device_name', '')} ({meta.get('dtype', '')}, "
-                 f"{meta.get('routing', '')} routing; dashed = fwd+bwd)", fontsize=11)
+    fig.suptitle(plot_title(good), fontsize=11)
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_summary(loads: dict[str, tuple[int, str, list[int]]]) -> str:
+    """A line per shape: how the routing spread the slots over the experts, from the
+    dispatch plan's ``expert_counts`` (``loads``: shape -> (T, routing, counts))."""
+    lines = []
+    for shape, (t, routing, counts) in loads.items():
+        e, total = len(counts), sum(counts)
+        mean = total / e if e else 0.0
+        idle = sum(c == 0 for c in counts)
+        lines.append(f"{shape}: {routing} routing at T={t}: {total} slots on {e} experts, busiest "
+                     f"{max(counts, default=0)} (x{max(counts, default=0) / mean if mean else 0:.1f} the mean "
+                     f"{mean:.1f}), {idle} idle")
+    return "Expert load (the plan's expert_counts):\n" + "\n".join("  " + ln for ln in lines) if lines else ""
+
+
+def write_load_plot(loads: dict[str, tuple[int, str, list[int]]], path: str) -> str | None:
+    """Slots per expert (busiest first), one panel per shape, from the dispatch plan's
+    ``expert_counts``. Returns the path, or ``None`` without matplotlib or data."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not loads:
+        return None
+    ncol = min(3, len(loads))
+    nrow = math.ceil(len(loads) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, (shape, (t, routing, counts)) in zip(axes.flat, loads.items(), strict=False):
+        ordered = sorted(counts, reverse=True)
+        ax.bar(range(len(ordered)), ordered, width=1.0, color="C0")
+        mean = sum(counts) / max(len(counts), 1)
+        ax.axhline(mean, color="C3", lw=1, label=f"mean {mean:.1f}")
+        ax.set_title(f"{shape}, T={t}, {routing}", fontsize=10)
+        ax.set_xlabel("experts, busiest first")
+        ax.set_ylabel("slots")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(loads):]:
+        ax.axis("off")
+    fig.suptitle("Expert load: slots per expert from the dispatch plan's expert_counts", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

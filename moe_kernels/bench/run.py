@@ -167,8 +167,9 @@ def _command_line(args: argparse.Namespace, cfg: dict) -> str:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the grid; prints the table, writes CSV, markdown and PNG. Exit code 0, or 1
     if a cell failed with an error (skipped cells are not errors), 2 on bad flags."""
-    from .providers import PROVIDERS, make_inputs, make_weights, rotation_copies
-    from .report import CsvWriter, Progress, format_seconds, format_table, run_metadata, write_plot
+    from .providers import PROVIDERS, expert_load, make_inputs, make_weights, rotation_copies
+    from .report import (CsvWriter, Progress, format_seconds, format_table, load_summary, run_metadata, write_load_plot,
+                         write_plot)
 
     if getattr(args, "_bench_error", None):
         print(f"moe-kernels bench: {args._bench_error}", file=sys.stderr)
@@ -207,6 +208,7 @@ def run_bench(args: argparse.Namespace) -> int:
     writer = CsvWriter(csv_path, meta)
     cache, budget = cache_bytes(device), memory_budget_bytes(device)
     weights: dict = {}
+    loads: dict = {}
     rows: list[dict] = []
     grid = [(m, t, s) for m in cfg["modes"] for t in cfg["tokens"] for s in cfg["shapes"]]
     progress = Progress(len(grid) * len(providers), enabled=not args.no_progress)
@@ -229,6 +231,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     weights[shape] = make_weights(shape, dtype, device, copies, seed=args.seed)
                 inputs = make_inputs(shape, t, dtype, device, routing=args.routing, zipf=args.zipf,
                                      copies=max(4, len(weights[shape])), seed=args.seed + t)
+                if t == max(cfg["tokens"]) and shape.name not in loads:
+                    loads[shape.name] = (t, args.routing, expert_load(inputs))
             for prov in providers:
                 if inputs is None or (args.budget and time.perf_counter() - start > args.budget):
                     if inputs is not None:
@@ -245,12 +249,17 @@ def run_bench(args: argparse.Namespace) -> int:
         progress.close()
         writer.close()
     table = format_table(rows)
-    print(table)
+    load_text = load_summary(loads)
+    print(table + ("\n\n" + load_text if load_text else ""))
     md_path = os.path.join(args.out, "results.md")
     with open(md_path, "w") as f:
         f.write("\n\n".join([f"Command: `{_command_line(args, cfg)}`", *head,
-                             format_table(rows, markdown=True)]) + "\n")
+                             format_table(rows, markdown=True), *([f"```\n{load_text}\n```"] if load_text else [])])
+                + "\n")
     png = None if args.no_plot else write_plot(rows, os.path.join(args.out, "roofline.png"))
+    if png and loads:
+        load_png = write_load_plot(loads, os.path.join(args.out, "load.png"))
+        png = png + (f", {load_png}" if load_png else "")
     errors = sum(r["status"] == "error" for r in rows)
     print(f"\n{len(rows)} cells ({sum(r['status'] == 'ok' for r in rows)} ok, "
           f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {errors} errors) in "

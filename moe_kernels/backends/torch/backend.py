@@ -21,6 +21,11 @@ class TorchBackend(Backend):
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
+    def block_m(self, params: ExpertParams, options: KernelOptions | None = None) -> int:
+        # No kernel reads padded blocks here: with one-row blocks the padded order is
+        # the sorted order, which the plan builds with no extra work.
+        return 1
+
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:
         return experts_torch(x, plan, params)

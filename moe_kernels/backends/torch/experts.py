@@ -1,19 +1,30 @@
 """The torch backend's expert computation: sort by expert, one matmul per expert segment.
 
 Pipeline: gather ``x`` rows into expert order (``x[slot_token[sorted_slot]]``) →
-grouped matmul with W13 (:func:`moe_kernels.primitives.grouped_linear`:
-``torch._grouped_mm`` where it takes the operands, else a loop over the non-empty
-segments) → activation → grouped matmul with W2 → back to slot order → times the slot
-weight → per-token sum through the plan's ``token_slots`` table (a gather and a
-fixed-order sum: deterministic, no atomics). Backward is PyTorch autograd through these
-ops; it saves the gathered rows and both matmul inputs. Runs on any device; this is
-also the CPU product.
+grouped matmul with W13 (:func:`moe_kernels.primitives.grouped_linear`) → activation →
+grouped matmul with W2 → back to slot order → times the slot weight → per-token sum
+(token-major routings: a ``[T, k, H]`` view summed over ``k``; others through the plan's
+``token_slots`` table; a fixed-order sum either way: deterministic, no atomics).
+
+The grouped matmul's method is picked by regime from static shapes
+(:func:`moe_kernels.primitives.grouped_method`): on the CPU a loop over the *active*
+experts while few can be active (small ``T``), ``torch._grouped_mm`` over the expert
+segments past that. The only host read is the expert offsets (``E + 1`` ints, once per
+call, shared by both matmuls); value checks belong to the API boundary (and to
+``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
+opaque custom ops, so every method traces.
+
+Backward: autograd through the gathers, the activation and the combine; the grouped
+matmuls have an explicit backward (one matmul per expert and operand, fixed order). It
+saves the gathered rows and both matmul inputs. Runs on any device; this is also the
+CPU product.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..._checks import _compiling
 from ...activations import apply_activation
 from ...params import ExpertParams
 from ...plan import DispatchPlan
@@ -30,14 +41,23 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
         out = x.new_zeros(t, h)
         link = zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
         return out if link is None else out + link
-    src = plan.slot_token.index_select(0, plan.sorted_slot).long()
+    src = plan.slot_token.index_select(0, plan.sorted_slot)
     # Backward of this gather sums the rows of a token's slots. index_select's backward
     # (index_add) does it with atomics on CUDA; advanced indexing's (index_put with
     # accumulate) sorts there instead, but runs parallel atomics on the CPU: take the
     # deterministic one on each device.
-    rows = x[src] if x.is_cuda else x.index_select(0, src)
-    h13 = grouped_linear(rows, params.w13, params.b13, plan)
+    rows = x[src.long()] if x.is_cuda else x.index_select(0, src)
+    # One host read of the offsets (CPU: no device sync), shared by both matmuls.
+    offsets = None
+    if x.device.type == "cpu" and not _compiling():
+        offsets = plan.host_offsets if plan.host_offsets is not None else plan.expert_offsets.tolist()
+    h13 = grouped_linear(rows, params.w13, params.b13, plan, offsets=offsets)
     hidden = apply_activation(h13, params.activation, params.interleaved)
-    y = grouped_linear(hidden, params.w2, params.b2, plan)
-    y_slot = y.index_select(0, plan.slot_position.long()).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
+    y = grouped_linear(hidden, params.w2, params.b2, plan, offsets=offsets)
+    y_slot = y.index_select(0, plan.slot_position).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
+    k = plan.top_k
+    if k is not None and plan.max_slots_per_token == k:
+        # Token-major slots (s = t*k + j): a dropped slot's row is exactly 0 (zero row
+        # times weight 0), so the plain sum over j equals combine_slots' sum in column order.
+        return y_slot.view(t, k, h).sum(dim=1).to(x.dtype)
     return combine_slots(y_slot, plan.token_slots).to(x.dtype)
