@@ -150,11 +150,12 @@ def _split_reduce(acc, acc2,
     tl.debug_barrier()  # the acquiring thread's view reaches the threads that load below
     tot = tl.zeros((BLOCK_M, B_TILE_N), dtype=tl.float32)
     tot2 = tl.zeros((BLOCK_M, B_TILE_N), dtype=tl.float32)
+    mask = (tl.zeros((BLOCK_M, B_TILE_N), dtype=tl.int32) + last.to(tl.int32)) > 0  # the tile-shaped flag
     for s in tl.static_range(SPLIT_K):  # split order: the same sum whoever arrives last
         # .cg: the other programs' partials are read from L2, never from a stale L1 line.
-        tot += tl.load(base + s * split_stride, mask=last, other=0.0, cache_modifier=".cg")
+        tot += tl.load(base + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
         if TWO_DOTS:
-            tot2 += tl.load(base + s * split_stride + B_TILE_N, mask=last, other=0.0, cache_modifier=".cg")
+            tot2 += tl.load(base + s * split_stride + B_TILE_N, mask=mask, other=0.0, cache_modifier=".cg")
     return tot, tot2, last
 
 
