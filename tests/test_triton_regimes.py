@@ -80,27 +80,39 @@ def test_every_regime_against_the_twin(regime, router, t, e, k):
 
 
 @pytest.mark.parametrize("regime", ["medium-tma", "prefill-tma-persistent"])
-def test_tma_falls_back_where_the_weights_do_not_allow_a_descriptor(regime, monkeypatch):
-    """K = 70 (fp32 rows of 280 bytes: not 16-byte multiples) and a transposed weight
-    view: the launcher takes the pointer path; the results still match the twin. And
-    the aligned case really launches the descriptor path (USE_TMA reaches the kernel)."""
+def test_tma_layouts_and_fallbacks(regime, monkeypatch):
+    """Which descriptor the weights get, and the results against the twin in each case:
+    contiguous [E, N, K] -> K-major; a transposed view of [E, K, N] storage (GPT-OSS,
+    the backward) with K % BLOCK_K == 0 -> N-major; the same view with K = 70 and
+    contiguous weights with K = 70 (fp32 rows of 280 bytes: not 16-byte multiples) ->
+    the pointer path. Plus a whole layer pair at K = 70 / 40 (GEMM1 falls back, GEMM2
+    keeps TMA)."""
     cfg = REGIMES[regime]
     seen = []
-    real = gemm_mod._use_tma
-    monkeypatch.setattr(gemm_mod, "_use_tma", lambda c, b: seen.append(real(c, b)) or seen[-1])
+    real = gemm_mod._tma_layout
+    monkeypatch.setattr(gemm_mod, "_tma_layout", lambda c, b: seen.append(real(c, b)) or seen[-1])
+    routing, _ = make_routing("empty_expert", 23, 5, k=2)
+    plan = build_plan_torch(routing, cfg.BLOCK_M)
+    valid = plan.slot_expert < plan.num_experts
+    cases = [
+        (torch.randn(5, 48, 64, device=DEVICE), "kmajor"),
+        (torch.randn(5, 64, 48, device=DEVICE).transpose(1, 2), "nmajor"),
+        (torch.randn(5, 70, 48, device=DEVICE).transpose(1, 2), None),
+        (torch.randn(5, 48, 70, device=DEVICE), None),
+    ]
+    for w, layout in cases:
+        seen.clear()
+        x = torch.randn(23, w.shape[2], device=DEVICE)
+        got = grouped_gemm(x, w, plan, a_rows="token", c=poisoned((plan.num_slots, 48), torch.float32),
+                           config=cfg).c
+        assert seen and seen[0] == layout, (tuple(w.stride()), seen, layout)
+        want = grouped_gemm_torch(x, w, plan, a_rows="token", config=cfg).c
+        assert_close(got[valid], want[valid], tol(torch.float32), f"layout {layout}")
+        assert torch.isnan(got[~valid]).all()
+    seen.clear()
     got_h, want_h, got_out, want_out, plan = _layer_pair(cfg, "softmax_topk", 23, 5, 2, 70, 40, torch.float32)
     _check(got_h, want_h, got_out, want_out, plan, torch.float32, f"{regime} K=70")
-    assert seen == [False, True], "GEMM1 (K=70) falls back, GEMM2 (K=40) keeps TMA"
-    routing, _ = make_routing("softmax_topk", 23, 5, k=2)
-    plan = build_plan_torch(routing, cfg.BLOCK_M)
-    w = torch.randn(5, 64, 48, device=DEVICE).transpose(1, 2)  # [E, 48, 64] strided view
-    x = torch.randn(23, 64, device=DEVICE)
-    kw = dict(a_rows="token", config=cfg)
-    got = grouped_gemm(x, w, plan, **kw).c
-    want = grouped_gemm_torch(x, w, plan, **kw).c
-    valid = plan.slot_expert < plan.num_experts
-    assert_close(got[valid], want[valid], tol(torch.float32), "transposed view")
-    assert seen[-1] is False
+    assert seen == [None, "kmajor"], seen
 
 
 @pytest.mark.parametrize("split", [2, 4])

@@ -102,7 +102,8 @@ def _grouped_gemm_kernel(
     PRO_COUNTERS: tl.constexpr, PRO_EMPTY_ROWS: tl.constexpr, PRO_F32: tl.constexpr,
     KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr, PRO_BLOCK: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, PERSISTENT: tl.constexpr,
+    PRO_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if SPLIT_K > 1:  # grid (tiles, SPLIT_K): the prologue strides over every program of both axes
@@ -118,8 +119,12 @@ def _grouped_gemm_kernel(
 
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA:  # built once per program (a persistent one reuses it for all its tiles)
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_E * NB, K], strides=[stride_bn, 1],
-                                           block_shape=[B_TILE_N, BLOCK_K])
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_E * NB, K], strides=[stride_bn, 1],
+                                               block_shape=[B_TILE_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_E * K, NB], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, B_TILE_N])
     else:
         b_desc = b_ptr
     if PERSISTENT:
@@ -136,7 +141,7 @@ def _grouped_gemm_kernel(
                       stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
                       A_ROWS, C_ROWS, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, B_TILE_N, HAS_BIAS, STORE_C,
                       STORE_PRE, STORE_H, ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K,
-                      DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA)
+                      DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA, B_KMAJOR)
     else:
         pid_m, pid_n = _tile_coords(pid, NUM_BLOCKS, num_pid_n, GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -154,7 +159,7 @@ def _grouped_gemm_kernel(
               stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
               A_ROWS, C_ROWS, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, B_TILE_N, HAS_BIAS, STORE_C,
               STORE_PRE, STORE_H, ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K,
-              DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA)
+              DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA, B_KMAJOR)
 
 
 @triton.jit
@@ -171,7 +176,7 @@ def _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias
           ROW_SCALE: tl.constexpr, BIAS_DOT: tl.constexpr, DW_FINAL: tl.constexpr, FUSED_COMBINE: tl.constexpr,
           KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-          USE_TMA: tl.constexpr):
+          USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr):
     # One (row block, N tile[, K split]) of the grouped GEMM: gather, K loop, epilogue.
     e64 = expert.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -201,9 +206,9 @@ def _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias
         b_cols = 2 * n0 + tl.arange(0, B_TILE_N)
         b_ok = b_cols < 2 * N
     k_lo = pid_k * k_split
-    acc, acc2 = _mainloop(a_ptr, b_ptr, b_desc, a_rows, row_ok, e64, b_cols, b_ok, expert * NB + b_row0, N, K,
+    acc, acc2 = _mainloop(a_ptr, b_ptr, b_desc, a_rows, row_ok, expert, e64, b_cols, b_ok, b_row0, N, K, NB,
                           k_lo, tl.minimum(K, k_lo + k_split), stride_am, stride_ak, stride_be, stride_bn, stride_bk,
-                          TWO_DOTS, B_TILE_N, USE_TMA, SPLIT_K > 1, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_K)
+                          TWO_DOTS, B_TILE_N, USE_TMA, B_KMAJOR, SPLIT_K > 1, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_K)
     if SPLIT_K > 1:
         acc, acc2, last = _split_reduce(acc, acc2, part_ptr, split_cnt_ptr, pid_m * num_pid_n + pid_n, pid_k,
                                         NUM_BLOCKS * num_pid_n, TWO_DOTS, SPLIT_K, BLOCK_M, B_TILE_N)
@@ -412,14 +417,24 @@ def _combine_counters(combine_from: Prologue | None, res: GemmOutputs, plan, t: 
     return combine_from.counters
 
 
-def _use_tma(cfg: GemmConfig, b: torch.Tensor) -> bool:
-    """TMA weights need a contiguous [E, NB, K] tensor with 16-byte aligned rows and base
-    (a tensor descriptor's rule); anything else (the backward's transposed views, odd K)
-    takes the pointer path."""
+def _tma_layout(cfg: GemmConfig, b: torch.Tensor) -> str | None:
+    """Which descriptor the weights allow: ``"kmajor"`` (contiguous [E, NB, K]),
+    ``"nmajor"`` (a transposed view of contiguous [E, K, NB] storage, with K a multiple
+    of BLOCK_K), or None: the pointer path. A descriptor needs 16-byte aligned rows and
+    base and int32 dimensions."""
     if not cfg.USE_TMA or not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    return (b.is_contiguous() and (b.shape[2] * b.element_size()) % 16 == 0 and b.data_ptr() % 16 == 0
-            and b.shape[0] * b.shape[1] < 2**31)
+        return None
+    e, nb, k = b.shape
+    es = b.element_size()
+    if b.data_ptr() % 16 or e * max(nb, k) >= 2**31:
+        return None
+    if b.stride(2) == 1 and b.stride(1) == k and b.stride(0) == nb * k and (k * es) % 16 == 0:
+        return "kmajor"
+    if (b.stride(1) == 1 and b.stride(2) == nb and b.stride(0) == nb * k and (nb * es) % 16 == 0
+            and k % cfg.BLOCK_K == 0):
+        return "nmajor"
+    return None
+
 
 
 _ALLOCATOR_SET = []
@@ -488,7 +503,8 @@ def grouped_gemm(
         split_cnt = torch.zeros((num_tiles,), dtype=torch.int32, device=a.device)
     else:
         part = split_cnt = dummy
-    use_tma = _use_tma(cfg, b)
+    layout = _tma_layout(cfg, b)
+    use_tma = layout is not None
     persistent = cfg.PERSISTENT and split == 1
     if persistent:
         grid = (min(num_tiles, num_sms_of(a.device)),)
@@ -523,6 +539,7 @@ def grouped_gemm(
         PRO_COUNTERS=pro.counters is not None, PRO_EMPTY_ROWS=pro.out is not None, PRO_F32=pro.zero_f32 is not None,
         KS_BLOCK=ks_block(ks), TOP_K=top_k_constexpr(ks), DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M, SPLIT_K=split, USE_TMA=use_tma,
+        B_KMAJOR=layout != "nmajor",
         PERSISTENT=persistent, PRO_BLOCK=_PRO_BLOCK,
     )
     with on_device(a):

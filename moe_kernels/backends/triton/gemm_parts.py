@@ -13,10 +13,13 @@ scheduling), no float atomics. The counters are zeroed by the launcher (one mems
 node) and left at ``SPLIT_K``.
 
 TMA (``USE_TMA``, sm_90+): the weight tiles come through a device-side tensor
-descriptor over the ``[E * NB, K]`` view of contiguous weights (``cp.async.bulk.tensor``
-into swizzled shared memory); an N tile that runs past ``N`` reads the next expert's
-rows or zeros past the end, which the epilogue's column mask drops. The A rows are
-still gathered with pointer loads through the plan.
+descriptor (``cp.async.bulk.tensor`` into swizzled shared memory) over the storage:
+``[E * NB, K]`` for K-major weights (``B_KMAJOR``), ``[E * K, NB]`` for a transposed
+view of N-major storage (GPT-OSS's layout, the backward's ``W.transpose(1, 2)``; only
+when ``K % BLOCK_K == 0``, so a K tile never reads the next expert's rows). An N tile
+that runs past ``N`` reads the next expert's rows or zeros past the end: only output
+columns the epilogue's mask drops. The A rows are still gathered with pointer loads
+through the plan.
 """
 
 from __future__ import annotations
@@ -76,10 +79,10 @@ def _store_pair(ptr, rows, stride_m, n0, offs_n, row_ok, N, g, u,
 def _mainloop(a_ptr,      # [Ra, K] A rows
               b_ptr,      # [E, NB, K] strided weights (pointer path)
               b_desc,     # descriptor over the [E * NB, K] view (USE_TMA), else unused
-              a_rows, row_ok, e64, b_cols, b_ok, b_row0, N, K, k_lo, k_hi,
+              a_rows, row_ok, expert, e64, b_cols, b_ok, b_row0, N, K, NB, k_lo, k_hi,
               stride_am, stride_ak, stride_be, stride_bn, stride_bk,
-              TWO_DOTS: tl.constexpr, B_TILE_N: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+              TWO_DOTS: tl.constexpr, B_TILE_N: tl.constexpr, USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr,
+              SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, B_TILE_N), dtype=tl.float32)
@@ -97,11 +100,17 @@ def _mainloop(a_ptr,      # [Ra, K] A rows
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             else:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            b = b_desc.load([b_row0, k0])  # [B_TILE_N, BLOCK_K], zeros past K
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if B_KMAJOR:  # [E * NB, K] view: a [B_TILE_N, BLOCK_K] tile, zeros past K
+                b = b_desc.load([expert * NB + b_row0, k0]).T
+            else:  # [E * K, NB] view of a transposed weight (K % BLOCK_K == 0: never crosses an expert)
+                b = b_desc.load([expert * K + k0, b_row0])
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if TWO_DOTS:
-                b2 = b_desc.load([b_row0 + N, k0])
-                acc2 = tl.dot(a, b2.T, acc2, input_precision=DOT_PRECISION)
+                if B_KMAJOR:
+                    b2 = b_desc.load([expert * NB + b_row0 + N, k0]).T
+                else:
+                    b2 = b_desc.load([expert * K + k0, b_row0 + N])
+                acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
     else:
         b_ptrs = (b_ptr + e64 * stride_be + b_cols[None, :].to(tl.int64) * stride_bn
