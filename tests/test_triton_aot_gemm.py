@@ -113,13 +113,14 @@ def _record(monkeypatch, variant: dict, capability=(9, 0), config=None) -> list[
     router = variant.get("router", "softmax_topk")
     routing = mk.route(logits, router, top_k=2) if router == "softmax_topk" else mk.route(logits, router)
     from moe_kernels.plan import build_plan_torch
-    plan = build_plan_torch(routing, 64)  # the GPUs' BLOCK_M
+    plan = build_plan_torch(routing, variant.get("block_m", 64))  # the medium regime's BLOCK_M by default
     monkeypatch.setattr(ops, "capability_of", lambda d: capability)  # the GPU configs, not the interpreter's
     if config is not None:
         monkeypatch.setattr(ops, "gemm_config", config)
     out = ops.moe_experts(x, plan, params, recompute_h=variant.get("recompute", False),
                           combine=variant.get("combine", "fused"))
-    out.sum().backward()
+    if not variant.get("forward_only", False):
+        out.sum().backward()
     return seen
 
 
@@ -174,9 +175,13 @@ def _compile(job):
     regs, local = _resource_usage(k.asm.get("cubin", b""), k.metadata.name)
     # Result types of every integer multiply in the Triton IR (index arithmetic).
     muls = collections.Counter(re.findall(r"arith\.muli [^:]*: (\S+)", k.asm.get("ttir", "")))
+    # Induction-variable types of every loop (the prologue's grid-stride loops are i64).
+    fors = collections.Counter(re.findall(r"scf\.for [^\n]*: (i\d+)", k.asm.get("ttir", "")))
+    ptx = k.asm["ptx"]
     return {"label": label, "arch": arch, "dtype": dtype, "shared": int(k.metadata.shared),
-            "limit": shared_limit(arch), "wgmma": "wgmma" in k.asm["ptx"], "local": local, "regs": regs,
-            "gemm": name == "_grouped_gemm_kernel", "muls": dict(muls)}
+            "limit": shared_limit(arch), "wgmma": "wgmma" in ptx, "local": local, "regs": regs,
+            "gemm": name == "_grouped_gemm_kernel", "muls": dict(muls), "fors": dict(fors),
+            "tma": "cp.async.bulk.tensor" in ptx, "tcgen05": "tcgen05.mma" in ptx, "mma_sync": "mma.sync" in ptx}
 
 
 def _worker_main(jobs_path: str, out_path: str) -> None:

@@ -232,16 +232,18 @@ def test_gemm2_row_scale_fused_combine(router, dtype, t, e, k):
     _, w2, _, b2 = make_weights(e, h, i, "silu", dtype, bias=True)
     hin = torch.randn(s, i, device=DEVICE).to(dtype)
     nb = -(-h // CFG.BLOCK_N)
-    counters = torch.full((t * nb,), 5, dtype=torch.int32, device=DEVICE)
     out = poisoned((t, h), dtype)
+    pro = Prologue.for_combine(out, CFG.BLOCK_N)
+    counters = pro.counters.fill_(5)
     # The previous kernel's prologue (here GEMM1's) zeroes the counters and empty tokens' rows.
     x = torch.randn(t, 32, device=DEVICE).to(dtype)
     w13 = torch.randn(e, 32, 32, device=DEVICE).to(dtype)
     grouped_gemm(x, w13, plan, a_rows="token", epilogue="act", activation=Activation("relu"),
-                 prologue=Prologue(counters=counters, out=out), config=CFG)
-    assert (counters == 0).all()
+                 prologue=pro, config=CFG)
+    assert (counters == 0).all() and pro.ran
     kw = dict(a_rows="slot", bias=b2, row_scale=True, combine="fused", config=CFG)
-    got = grouped_gemm(hin, w2, plan, c=poisoned((s, h), dtype), out=out, counters=counters, **kw)
+    got = grouped_gemm(hin, w2, plan, c=poisoned((s, h), dtype), out=out, combine_from=pro, **kw)
+    assert not pro.ran, "the fused combine consumes the hand-off"
     want = grouped_gemm_torch(hin, w2, plan, c=poisoned((s, h), dtype), **kw)
     _check_rows(got.c, want.c, _valid_slots(plan), dtype, "y")
     has = (plan.token_slots >= 0).any(1)
@@ -294,13 +296,14 @@ def test_dgrad_x_dw_final_and_prologue():
     dh13 = torch.randn(s, 2 * i, device=DEVICE)
     wpart = torch.randn(s, 3, device=DEVICE)
     nb = -(-h // CFG.BLOCK_N)
-    counters = torch.full((t * nb,), 9, dtype=torch.int32, device=DEVICE)
     dx, dw = poisoned((t, h), torch.float32), poisoned((s,), torch.float32)
+    pro = Prologue.for_combine(dx, CFG.BLOCK_N, zero_f32=dw)
+    pro.counters.fill_(9)
     grouped_gemm(torch.randn(t, 32, device=DEVICE), w13[:, :32, :32].contiguous(), plan, a_rows="token",
                  epilogue="act", activation=Activation("relu"), store_c=False, store_pre=False,
-                 prologue=Prologue(counters=counters, out=dx, zero_f32=dw), config=CFG)
+                 prologue=pro, config=CFG)
     kw = dict(a_rows="slot", combine="fused", dw_final=True, wpart=wpart, config=CFG)
-    grouped_gemm(dh13, w13.transpose(1, 2), plan, out=dx, counters=counters, dw=dw, **kw)
+    grouped_gemm(dh13, w13.transpose(1, 2), plan, out=dx, combine_from=pro, dw=dw, **kw)
     want = grouped_gemm_torch(dh13, w13.transpose(1, 2), plan, **kw)
     valid = _valid_slots(plan)
     assert not bool(valid.all()), "the case must drop slots"
@@ -351,8 +354,9 @@ def test_bad_arguments_raise_value_errors():
         grouped_gemm(x, w, plan, a_rows="token", epilogue="act")
     with pytest.raises(ValueError, match="BLOCK_M"):
         grouped_gemm(x, w, plan, a_rows="token", config=GemmConfig(BLOCK_M=32))
-    with pytest.raises(ValueError, match="counters"):
-        grouped_gemm(x, w, plan, a_rows="token", combine="fused")
+    with pytest.raises(ValueError, match="combine_from: this Prologue has not run"):
+        grouped_gemm(x, w, plan, a_rows="token", combine="fused",
+                     combine_from=Prologue.for_combine(torch.empty(t, i, device=DEVICE), 16))
     with pytest.raises(ValueError, match="c: expected"):
         grouped_gemm(x, w, plan, a_rows="token", c=torch.empty(3, 3, device=DEVICE))
 
@@ -360,33 +364,63 @@ def test_bad_arguments_raise_value_errors():
 # --------------------------------------------------------------------------- configs
 
 
-def test_config_heuristic_is_token_count_free_and_documented(monkeypatch):
+def test_config_is_keyed_on_a_bucket_of_rows_per_expert_and_documented(monkeypatch):
+    """The contract: configs and the plan's BLOCK_M are functions of static shapes and
+    of T*k only through a power-of-two bucket (so a CUDA graph / compiled graph captured
+    at one batch size stays valid for every batch size of its bucket), never of a
+    runtime value (no tensor argument)."""
     monkeypatch.delenv(options.ENV_CONFIG, raising=False)
     import inspect
     for fn in (gemm_config, layer_block_m):
-        params = set(inspect.signature(fn).parameters)
-        assert not params & {"num_tokens", "t", "num_slots", "m"}, f"{fn.__name__} must not see the token count"
+        params = inspect.signature(fn).parameters
+        assert not set(params) & {"num_tokens", "t", "m", "x", "routing", "plan"}, fn.__name__
+        assert "num_slots" in params, f"{fn.__name__} takes the slot count (a static shape), bucketed"
     h100 = (9, 0)
+    # Every slot count of a bucket gives the same BLOCK_M and the same configs.
+    for lo in (1, 2, 16, 128, 1024, 8192):
+        bucket = {configs.slots_bucket(s) for s in range(lo + 1, 2 * lo + 1)}
+        assert len(bucket) == 1, (lo, bucket)
+        for e in (8, 128):
+            bms = {layer_block_m(h100, None, s, e) for s in range(lo + 1, 2 * lo + 1)}
+            assert len(bms) == 1, (lo, e, bms)
+            bm = bms.pop()
+            cfgs = {gemm_config(e, 768, 2048, torch.bfloat16, h100, bm, num_slots=s, num_sms=132)
+                    for s in range(lo + 1, 2 * lo + 1)}
+            assert len(cfgs) == 1, (lo, e, cfgs)
+    # The regimes: expected rows per expert (bucketed T*k / E) -> BLOCK_M 16 / 32 / 64 / 128.
+    assert [configs.regime_of(s, 8) for s in (1, 128, 129, 256, 257, 1024, 1025)] == \
+        ["decode", "decode", "small", "small", "medium", "medium", "prefill"]
+    assert [layer_block_m(h100, None, s, 8) for s in (2, 200, 1000, 32768)] == [16, 32, 64, 128]
+    assert layer_block_m(h100) == 64 and layer_block_m((0, 0), None, 32768, 8) == 16  # no T: medium; interpreter
+    assert layer_block_m(h100, {"BLOCK_M": 32}, 32768, 8) == 32  # a pin wins
     qwen = gemm_config(128, 768, 2048, torch.bfloat16, h100, 64, gated_b=True)   # fine-grained experts
     mixtral = gemm_config(8, 14336, 4096, torch.bfloat16, h100, 64, gated_b=True)
     assert qwen.BLOCK_N == 64 and mixtral.BLOCK_N == 128
     assert mixtral.num_stages == 4 and gemm_config(8, 14336, 4096, torch.bfloat16, (8, 0), 64).num_stages == 3
     assert gemm_config(8, 14336, 4096, torch.bfloat16, h100, 64, heavy_epilogue=True).BLOCK_N == 64
-    assert layer_block_m(h100) == 64
+    # Decode splits K; prefill is wide, TMA and persistent on sm_90 but not on sm_80.
+    dec = gemm_config(8, 4096, 14336, torch.bfloat16, h100, 16, num_slots=2, num_sms=132)
+    assert dec.SPLIT_K > 1 and dec.BLOCK_K == 128 and not dec.USE_TMA
+    pre = gemm_config(8, 4096, 14336, torch.bfloat16, h100, 128, num_slots=16384, num_sms=132)
+    assert (pre.BLOCK_M, pre.BLOCK_N, pre.num_warps, pre.SPLIT_K) == (128, 128, 8, 1) and pre.USE_TMA and pre.PERSISTENT
+    a100 = gemm_config(8, 4096, 14336, torch.bfloat16, (8, 0), 128, num_slots=16384, num_sms=108)
+    assert not a100.USE_TMA and not a100.PERSISTENT
     # Shared memory: the estimate fits every GPU's limit (consumer parts: 99 KB), for the
-    # fine-grained and the large-expert gated GEMM1 (the AOT test checks the estimate).
+    # fine-grained and the large-expert gated GEMM1, in every regime.
     for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (12, 1)):
         for d in (torch.float16, torch.bfloat16, torch.float32):
             for e, n in ((64, 7168), (8, 14336)):
-                c = gemm_config(e, n, 4096, d, cap, 64, gated_b=True)
-                used = configs.pipeline_shared_bytes(cap, 64, c.BLOCK_N, c.BLOCK_K, 4 if d == torch.float32 else 2,
-                                                     2, c.num_stages)
-                assert used <= configs.shared_limit_of(cap), (cap, d, e, c)
+                for bm in (16, 32, 64, 128):
+                    c = gemm_config(e, n, 4096, d, cap, bm, gated_b=True, num_slots=4, num_sms=132)
+                    used = configs.pipeline_shared_bytes(cap, bm, c.BLOCK_N, c.BLOCK_K,
+                                                         4 if d == torch.float32 else 2, 2, c.num_stages)
+                    assert used <= configs.shared_limit_of(cap), (cap, d, e, bm, c)
     # sm_120 (99 KB) no longer takes Hopper's 4 stages for the large gated GEMM1.
     assert gemm_config(8, 14336, 4096, torch.bfloat16, (12, 0), 64, gated_b=True).num_stages == 3
     assert gemm_config(8, 4096, 14336, torch.bfloat16, (12, 0), 64).num_stages == 4
     assert configs.shared_limit_of((12, 0)) == 101376 and configs.shared_limit_of((9, 0)) == 232448
-    assert "decode" in configs.__doc__ and "prefill" in configs.__doc__
+    for word in ("decode", "prefill", "bucket", "split-K", "TMA", "persistent"):
+        assert word in configs.__doc__, word
 
 
 def test_config_env_pin(monkeypatch):

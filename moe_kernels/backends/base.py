@@ -8,7 +8,7 @@ A backend answers four questions for the layer and the functional API:
   with fused routing kernels overrides it for the routers it fuses and defers to the
   pure-PyTorch routers for the rest.
 * ``plan(routing, params, options)``: the :class:`~moe_kernels.plan.DispatchPlan`, padded
-  to ``block_m(params, options)`` rows per expert.
+  to ``block_m(params, options, routing.num_slots)`` rows per expert.
 * ``experts(x, plan, params, options)``: the expert computation, differentiable in ``x``,
   the weights and the slot weights.
 
@@ -39,12 +39,15 @@ class Backend:
     def route(self, logits: torch.Tensor, router: str, options: dict) -> Routing:
         return route(logits, router, **options)
 
-    def block_m(self, params: ExpertParams, options: KernelOptions | None = None) -> int:
-        """Rows per padded block of the plan; a function of static shapes only."""
+    def block_m(self, params: ExpertParams, options: KernelOptions | None = None,
+                num_slots: int | None = None) -> int:
+        """Rows per padded block of the plan; a function of static shapes only: the
+        parameters' and, when given, the routing's slot count ``T*k`` (a static shape of
+        the call; backends bucket it so the padding changes only between regimes)."""
         return 64
 
     def plan(self, routing: Routing, params: ExpertParams, options: KernelOptions | None = None) -> DispatchPlan:
-        return build_plan_torch(routing, self.block_m(params, options))
+        return build_plan_torch(routing, self.block_m(params, options, routing.num_slots))
 
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:

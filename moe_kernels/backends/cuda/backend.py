@@ -73,12 +73,12 @@ def _triton_experts(device: torch.device):
     return moe_experts
 
 
-def _triton_block_m(params, options) -> int | None:
+def _triton_block_m(params, options, num_slots=None) -> int | None:
     try:
         from ..triton.backend import TritonBackend
     except ImportError:
         return None
-    return TritonBackend().block_m(params, options)
+    return TritonBackend().block_m(params, options, num_slots)
 
 
 class CudaBackend(Backend):
@@ -119,12 +119,12 @@ class CudaBackend(Backend):
             return route_fused(logits, args)
         return super().route(logits, router, options)
 
-    def block_m(self, params, options: KernelOptions | None = None) -> int:
-        bm = _triton_block_m(params, options) if params.device.type == "cuda" else None
+    def block_m(self, params, options: KernelOptions | None = None, num_slots: int | None = None) -> int:
+        bm = _triton_block_m(params, options, num_slots) if params.device.type == "cuda" else None
         return bm if bm is not None else 64
 
     def plan(self, routing: Routing, params, options: KernelOptions | None = None) -> DispatchPlan:
-        bm = self.block_m(params, options)
+        bm = self.block_m(params, options, routing.num_slots)
         if not (routing.slot_expert.is_cuda and CUDA.plans(routing.num_experts)
                 and max_padded_rows(routing.num_slots, routing.num_experts, bm) < 2**31):
             return build_plan_torch(routing, bm)

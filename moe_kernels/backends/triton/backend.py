@@ -50,12 +50,15 @@ class TritonBackend(Backend):
             return route_fused(logits, args)
         return route(logits, router, **options)
 
-    def block_m(self, params: ExpertParams, options: KernelOptions | None = None) -> int:
-        # Static shapes only: the plan's padding must not change with the batch size.
-        return layer_block_m(capability_of(params.device), resolve(options).gemm_pin)
+    def block_m(self, params: ExpertParams, options: KernelOptions | None = None,
+                num_slots: int | None = None) -> int:
+        # Static shapes only: the regime of the bucketed T*k (configs.regime_of), never
+        # a runtime value; without num_slots, the medium regime's 64.
+        return layer_block_m(capability_of(params.device), resolve(options).gemm_pin, num_slots,
+                             params.num_experts)
 
     def plan(self, routing: Routing, params: ExpertParams, options: KernelOptions | None = None) -> DispatchPlan:
-        bm = self.block_m(params, options)
+        bm = self.block_m(params, options, routing.num_slots)
         if not TRITON.plans(routing.num_experts):
             return build_plan_torch(routing, bm)
         return build_plan_triton(routing, bm)

@@ -47,19 +47,23 @@ def _zero_prologue(
     PRO_COUNTERS: tl.constexpr, PRO_EMPTY_ROWS: tl.constexpr, PRO_F32: tl.constexpr,
     KS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PRO_T: tl.constexpr, PRO_N: tl.constexpr,
 ):
-    # Grid-stride loops over every program of the launch, before its early exit.
+    # Grid-stride loops over every program of the launch, before its early exit. The
+    # bounds are 64-bit: past 2^21 programs (x 1024) an int32 start would wrap and the
+    # counters would not be zeroed.
     offs = tl.arange(0, BLOCK)
+    pid64 = pid.to(tl.int64)
+    nprog64 = nprog.to(tl.int64)
     if PRO_COUNTERS:
-        for i0 in range(pid * BLOCK, pro_count, nprog * BLOCK):
+        for i0 in range(pid64 * BLOCK, pro_count, nprog64 * BLOCK):
             tl.store(pro_counter_ptr + i0 + offs, tl.zeros([BLOCK], tl.int32), mask=i0 + offs < pro_count)
     if PRO_F32:
-        for i0 in range(pid * BLOCK, pro_f32_len, nprog * BLOCK):
+        for i0 in range(pid64 * BLOCK, pro_f32_len, nprog64 * BLOCK):
             tl.store(pro_f32_ptr + i0 + offs, tl.zeros([BLOCK], tl.float32), mask=i0 + offs < pro_f32_len)
     if PRO_EMPTY_ROWS:
         rows = tl.arange(0, PRO_T)
         cols = tl.arange(0, PRO_N)
-        for t0 in range(pid * PRO_T, T, nprog * PRO_T):
-            tok = (t0 + rows).to(tl.int64)
+        for t0 in range(pid64 * PRO_T, T, nprog64 * PRO_T):
+            tok = t0 + rows
             tok_ok = tok < T
             best = _max_slot(token_slots_ptr, tok, tok_ok, KS, KS_BLOCK, PRO_T)
             empty = tok_ok & (best < 0)  # no valid slot: nobody else writes these rows
@@ -105,12 +109,17 @@ def _fused_combine(c_ptr,            # [S, N] this program's y rows were just st
                    counter_ptr,      # [T, num_pid_n] int32, zeroed by the previous kernel
                    out_ptr,          # [T, N] combined rows
                    token64, row_ok, cols, col_ok, offs_n, pid_n, num_pid_n, KS, stride_cm, stride_om,
-                   KS_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Every thread's y stores happen before the counter update (barrier, then acq_rel
-    # atomics); one atomic per row: a [BLOCK_M, BLOCK_N] pointer tile with only column 0
-    # live, so each live element has exactly one owning thread and its own return value.
+                   KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Every thread's y stores happen before the counter update (one CTA barrier, then
+    # acq_rel atomics); one atomic per row: a [BLOCK_M, BLOCK_N] pointer tile with only
+    # column 0 live, so each live element has exactly one owning thread and its own
+    # return value. TOP_K > 0 (a top-k routing, KS = TOP_K <= 16 columns) makes the slot
+    # count and the sum over the token's slots compile-time loops that unroll.
     tl.debug_barrier()
-    n_valid = _count_slots(token_slots_ptr, token64, row_ok, KS, KS_BLOCK, BLOCK_M)
+    if TOP_K > 0:
+        n_valid = _count_slots(token_slots_ptr, token64, row_ok, TOP_K, KS_BLOCK, BLOCK_M)
+    else:
+        n_valid = _count_slots(token_slots_ptr, token64, row_ok, KS, KS_BLOCK, BLOCK_M)
     first = row_ok[:, None] & (offs_n == 0)[None, :]
     cnt_ptrs = counter_ptr + token64[:, None] * num_pid_n + pid_n + offs_n[None, :] * 0
     old = tl.atomic_add(cnt_ptrs, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
@@ -120,14 +129,32 @@ def _fused_combine(c_ptr,            # [S, N] this program's y rows were just st
     if tl.max(last.to(tl.int32), axis=0) > 0:
         # .cg: the other programs' rows are read from L2, never from a stale L1 line.
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in range(0, KS):
-            sj = tl.load(token_slots_ptr + token64 * KS + j, mask=last, other=-1)
-            ok = last & (sj >= 0)
-            yj = tl.load(c_ptr + tl.where(ok, sj, 0).to(tl.int64)[:, None] * stride_cm + cols[None, :],
-                         mask=ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
-            total += yj.to(tl.float32)
+        if TOP_K > 0:
+            for j in tl.static_range(TOP_K):
+                total += _slot_row(c_ptr, token_slots_ptr, token64, last, cols, col_ok, j, TOP_K, stride_cm)
+        else:
+            for j in range(0, KS):
+                total += _slot_row(c_ptr, token_slots_ptr, token64, last, cols, col_ok, j, KS, stride_cm)
         tl.store(out_ptr + token64[:, None] * stride_om + cols[None, :], total.to(out_ptr.dtype.element_ty),
                  mask=last[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _slot_row(c_ptr,            # [S, N] y rows
+              token_slots_ptr,  # [T, KS] int32
+              token64, last, cols, col_ok, j, KS, stride_cm):
+    # y[token_slots[t, j]] in fp32 for the rows this program completes (0 elsewhere).
+    sj = tl.load(token_slots_ptr + token64 * KS + j, mask=last, other=-1)
+    ok = last & (sj >= 0)
+    yj = tl.load(c_ptr + tl.where(ok, sj, 0).to(tl.int64)[:, None] * stride_cm + cols[None, :],
+                 mask=ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
+    return yj.to(tl.float32)
+
+
+def top_k_constexpr(ks: int) -> int:
+    """``token_slots``' column count as a compile-time constant for top-k routings (k <=
+    16: the combine's loops unroll), 0 for wider tables (a runtime loop)."""
+    return ks if 0 < ks <= 16 else 0
 
 
 def ks_block(ks: int) -> int:

@@ -1,49 +1,70 @@
-"""Tile configurations of the grouped GEMMs: a heuristic, a pin, an optional autotune.
+"""Tile configurations of the grouped GEMMs by regime: a heuristic, shipped tables, a
+pin, an optional autotune.
 
-Keyed on (E, N, K, dtype, compute capability) only, never on the token count: the
-plan's padding depends on ``BLOCK_M``, a CUDA graph or a ``torch.compile`` graph
-captured at one batch size must stay valid at another, and a config cache keyed on T
-would compile a new kernel for every batch size a server sees.
+Keyed on static shapes only: (E, N, K, dtype, compute capability, SM count) and the
+*regime*, a coarse bucket of the expected rows per expert ``r = T*k/E``. ``T*k`` (the
+number of slots, ``routing.num_slots``) is a static shape of the call, like ``x.shape[0]``;
+it is rounded up to a power of two first (:func:`slots_bucket`), so every batch size
+of a bucket gets the same plan padding and the same kernels: a CUDA graph or a
+``torch.compile`` graph captured at one batch size stays valid within its bucket, and
+a server sees at most a handful of compiled variants (never one per batch size).
+Nothing reads runtime values (expert counts, token ids).
 
-Why the defaults (all four GEMMs of a layer share ``BLOCK_M``, the plan's padding;
-each GEMM picks its own ``BLOCK_N``/``BLOCK_K``/warps/stages from its (N, K)):
+=========  =============  ========  ====================================================
+regime     r = T*k/E      BLOCK_M   tiles (sm_90, 16-bit)
+=========  =============  ========  ====================================================
+decode     r <= 16        16        BN 64, BK 128, 4 warps, 4 stages; split-K when the
+                                    grid is under 2 waves (:func:`split_k_for`)
+small      16 < r <= 32   32        BN 64 (fine-grained) / 128, BK 64, 4 warps; split-K
+                                    rule as decode (rarely triggers)
+medium     32 < r <= 128  64        BN 64 / 128, BK 64, 4 / 8 warps; TMA weights on sm_90+
+prefill    r > 128        128       128 x 128 (gated GEMM1: two 128 x 64 B tiles, an
+                                    effective 128 x 128 per gate/up pair), BK 64, 8
+                                    warps; TMA weights + persistent tile loop on sm_90+
+=========  =============  ========  ====================================================
 
-* ``BLOCK_M = 64`` on sm_80 and newer. A Hopper warpgroup MMA (wgmma) is m64 per
-  warpgroup, so 64 is the smallest M that still runs on wgmma; at decode (about one
-  row per active expert) a 64-row block wastes only MMA issue slots, which hide under
-  the weight stream, while padded rows cost no memory traffic (their loads are
-  masked). 128 would halve that headroom at decode for large experts (Mixtral: two
-  experts of 4096x28672 each, 128 rows of MMA per weight tile is already near the
-  compute/bandwidth balance point of an H200), so the token-count-free compromise is 64.
-* ``BLOCK_N``: decode is a weight stream, and the stream only reaches full bandwidth
-  with a few CTAs per SM in flight. With fine-grained experts (N <= 2048 or E >= 32:
-  Qwen3-30B-A3B I=768, DeepSeek-V3 I=2048) a 128-wide tile leaves most of 132 SMs
-  idle at T=1 (Qwen3: 8 experts x 768/128 = 48 CTAs), so these use 64 (96 CTAs for
-  GEMM1, 8 x 2048/64 = 256 for GEMM2). Large experts (Mixtral I=14336) have plenty of
-  N tiles and take 128 for better A reuse at prefill (a gated GEMM1 tile then holds
-  two 64x128 accumulators: an effective 64x256 wgmma tile).
-* ``BLOCK_K = 64`` for 16-bit types (128-byte rows: one swizzled shared-memory line,
-  the widest wgmma/cp.async pattern), 32 for fp32 (same bytes).
+Why (launch shapes on an H200, 132 SMs; docs/PERFORMANCE.md re-derives them):
+
+* decode is a weight stream: it reaches HBM bandwidth only with >= 2 CTAs per SM in
+  flight. At T=1 a layer has 1-8 active experts, one 16-row block each, so the grid is
+  (active blocks x N tiles): Mixtral GEMM2 has 2 x 64 = 128 CTAs for 132 SMs, Qwen3
+  GEMM1 8 x 12 = 96. Split-K (:func:`split_k_for`) multiplies the grid by the smallest
+  power of two reaching ``2 * num_SMs`` useful CTAs while each split keeps >= 256 of K;
+  the partial sums are reduced in split order by the last-arriving CTA (bitwise
+  deterministic, see gemm.py). BLOCK_M = 16 tiles run on ``mma.sync`` (wgmma needs
+  m64): at decode MMA issue hides under the weight stream; 16-row tiles keep registers
+  at about 64-110 a thread so two or three CTAs fit an SM.
+* prefill is compute bound: 128-row tiles halve the shared-memory traffic per MMA of
+  the 64-row wgmma tiles, TMA (tensor descriptors, ``cp.async.bulk.tensor``) loads the
+  weight tiles without address registers, and a persistent loop over (row block,
+  N tile) on ``num_SMs`` programs overlaps one tile's epilogue with the next tile's
+  loads. The rows of x are still gathered through the plan (pointer loads); sm_8x /
+  sm_12x and the interpreter keep the pointer path for the weights too (``USE_TMA``
+  off), and TMA needs K-major weights with 16-byte aligned rows (else the launcher
+  falls back: the backward's transposed weight views use the pointer path).
+* medium keeps the 64-row wgmma tiles (Hopper's smallest), the old default.
+* ``BLOCK_N``: fine-grained experts (N <= 2048 or E >= 32) take 64 so the grid covers
+  the SMs; ``BLOCK_K = 64`` for 16-bit types (one 128-byte swizzled line), 128 at decode
+  (fewer, longer loads per CTA), 32 for fp32 (same bytes).
 * ``num_stages``: the deepest of (4 on sm_90 and newer for 16-bit types, else 3) that
-  fits the GPU's opt-in shared memory per block (:data:`SHARED_LIMITS`, a property of
-  the GPU, like the capability) by :func:`pipeline_shared_bytes`'s estimate. sm_90 has
-  227 KB: 4 stages of a gated 64x64 A tile + two 64x128 B tiles (40 KB a stage) =
-  160 KB, deep enough to keep wgmma fed at prefill. sm_80 (163 KB, no wgmma, cp.async
-  only) takes 3. Consumer GPUs have 99 KB (sm_86, sm_89, sm_120/121: RTX 30xx/40xx/50xx,
-  DGX Spark): on sm_120 the large-expert gated GEMM1 drops to 3 stages (two buffers,
-  80 KB; 4 would need 120 KB and not launch), its other GEMMs keep 4.
-* ``num_warps = 4``: one warpgroup per 64-row tile (wgmma needs a whole warpgroup per
-  m64); 8 warps for the 128-wide N tiles so the epilogue's register tile halves, and
-  for the activation-backward GEMM, whose epilogue holds five fp32 tiles at once (with
-  4 warps ptxas spills it on sm_90; with 8 it stays at <= 186 registers, no spills).
+  fits the GPU's opt-in shared memory per block (:data:`SHARED_LIMITS`) by
+  :func:`pipeline_shared_bytes`'s estimate (sm_120's 99 KB drops some to 3).
+* ``num_warps``: 4 for one warpgroup; 8 for 128-wide tiles and for the
+  activation-backward GEMM, whose epilogue holds five fp32 tiles at once (with 4 warps
+  ptxas spills it on sm_90). Its BLOCK_N is capped (64; 32 at 128-row tiles).
 * ``GROUP_M = 8``: program ids are swizzled so that 8 consecutive row blocks (mostly
-  one expert's) sweep the N tiles together: the expert's weight tiles are read from
-  HBM once and hit L2 for the other 7 blocks at prefill.
+  one expert's) sweep the N tiles together: each weight tile comes from HBM once.
+
+Tables (:mod:`.tables`): a JSON file per GPU (``tables/*.json``, keyed on capability
+and SM count) may replace the heuristic's tile for a (E, N, K, dtype, regime, GEMM)
+key; ``moe-kernels tune`` measures and writes one on a GPU. An unknown GPU uses the
+heuristic above.
 
 Overrides (:class:`moe_kernels.options.KernelOptions`, passed down by the launchers):
 
 * ``gemm_config={"BLOCK_N": 128, "num_warps": 8}`` (``MOE_KERNELS_TRITON_CONFIG`` supplies
-  the default) pins any subset of the fields for every GEMM of the call.
+  the default) pins any subset of the fields for every GEMM of the call; a pinned
+  ``BLOCK_M`` also pads the plan (and replaces the regime's).
 * ``autotune=True`` (``MOE_KERNELS_AUTOTUNE=1``) lets ``triton.autotune`` pick ``BLOCK_K``, warps and
   stages among :func:`autotune_configs` on a GPU, keyed on (N, K, dtype, GEMM mode) like
   the heuristic (``BLOCK_M`` stays the plan's and ``BLOCK_N`` the heuristic's).
@@ -51,28 +72,47 @@ Overrides (:class:`moe_kernels.options.KernelOptions`, passed down by the launch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
 from ...options import GEMM_FIELDS
 
-__all__ = ["GemmConfig", "gemm_config", "layer_block_m", "autotune_configs", "capability_of", "SHARED_LIMITS", "shared_limit_of", "pipeline_shared_bytes"]
+__all__ = ["GemmConfig", "gemm_config", "layer_block_m", "autotune_configs", "capability_of", "SHARED_LIMITS",
+           "shared_limit_of", "pipeline_shared_bytes", "REGIMES", "REGIME_BLOCK_M", "slots_bucket", "regime_of",
+           "split_k_for", "expected_blocks", "num_sms_of"]
 
 _FIELDS = GEMM_FIELDS
+
+REGIMES = ("decode", "small", "medium", "prefill")
+REGIME_BLOCK_M = {"decode": 16, "small": 32, "medium": 64, "prefill": 128}
+_BLOCK_M_REGIME = {v: k for k, v in REGIME_BLOCK_M.items()}
+_MAX_SPLIT = 16
+_MIN_K_PER_SPLIT = 256
+DEFAULT_NUM_SMS = 132  # an H100 / H200 SXM: the launch-shape model's default
 
 
 @dataclass(frozen=True)
 class GemmConfig:
+    """One GEMM launch's tiles. ``SPLIT_K``: programs per tile along K (partials reduced
+    in split order by the last arriver, gemm.py); ``USE_TMA``: weight tiles through a
+    tensor descriptor (sm_90+; the launcher falls back to pointers where the weights'
+    strides do not allow one); ``PERSISTENT``: ``NUM_SMS`` programs loop over the
+    tiles (sm_90+ prefill)."""
+
     BLOCK_M: int = 64
     BLOCK_N: int = 64
     BLOCK_K: int = 64
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    SPLIT_K: int = 1
+    USE_TMA: bool = False
+    PERSISTENT: bool = False
 
     def __post_init__(self) -> None:
-        for name in _FIELDS:
+        for name in _FIELDS + ("SPLIT_K",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -83,6 +123,15 @@ class GemmConfig:
         if self.BLOCK_M < 16 or self.BLOCK_N < 16 or self.BLOCK_K < 16:
             raise ValueError(f"BLOCK_M, BLOCK_N, BLOCK_K: expected >= 16 (tl.dot's minimum), got "
                              f"{self.BLOCK_M}, {self.BLOCK_N}, {self.BLOCK_K}")
+        for name in ("USE_TMA", "PERSISTENT"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.SPLIT_K > 1 and self.PERSISTENT:
+            raise ValueError("SPLIT_K, PERSISTENT: split-K (decode) and the persistent loop (prefill) exclude "
+                             "each other")
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 # Opt-in shared memory per block in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin) by
@@ -117,38 +166,134 @@ def capability_of(device: torch.device | str | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def layer_block_m(capability: tuple[int, int], pin: dict[str, int] | None = None) -> int:
-    """The row-block size shared by a layer's GEMMs (the plan is padded to it); a pinned
-    ``BLOCK_M`` (``KernelOptions.gemm_config``) wins."""
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms_of(device: torch.device | str | None) -> int:
+    """Streaming multiprocessors of a CUDA device (a static property, like the
+    capability); 4 for the CPU, so the interpreter's persistent loops do loop."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return 4
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def slots_bucket(num_slots: int) -> int:
+    """``T*k`` rounded up to a power of two: the static quantity the regime (and the
+    split-K count) is a function of."""
+    return 1 << max(int(num_slots) - 1, 0).bit_length()
+
+
+def regime_of(num_slots: int, num_experts: int) -> str:
+    """``decode`` / ``small`` / ``medium`` / ``prefill`` from the expected rows per
+    expert of the bucketed slot count (see the module docstring)."""
+    r = slots_bucket(num_slots) / max(int(num_experts), 1)
+    if r <= 16:
+        return "decode"
+    if r <= 32:
+        return "small"
+    if r <= 128:
+        return "medium"
+    return "prefill"
+
+
+def layer_block_m(capability: tuple[int, int], pin: dict[str, int] | None = None, num_slots: int | None = None,
+                  num_experts: int | None = None) -> int:
+    """The row-block size shared by a layer's GEMMs (the plan is padded to it): the
+    regime's (:data:`REGIME_BLOCK_M`) of ``(num_slots, num_experts)``, 64 (the medium
+    regime) when they are not given; a pinned ``BLOCK_M`` (``KernelOptions.gemm_config``)
+    wins."""
     if pin and "BLOCK_M" in pin:
         return GemmConfig(BLOCK_M=pin["BLOCK_M"]).BLOCK_M
     if capability == (0, 0):
         return 16  # the interpreter: numpy is fastest with few, small programs of work
-    return 64
+    if num_slots is None or num_experts is None:
+        return REGIME_BLOCK_M["medium"]
+    return REGIME_BLOCK_M[regime_of(num_slots, num_experts)]
+
+
+def expected_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Row blocks a uniform routing of the bucketed ``num_slots`` fills: at most
+    ``min(E, S)`` experts active, each with ``ceil(rows / block_m)`` blocks. The plan
+    launches its worst-case bound; the blocks past the used ones exit at once."""
+    s = slots_bucket(num_slots)
+    active = max(min(int(num_experts), s), 1)
+    per = -(-s // active)
+    return active * (-(-per // block_m))
+
+
+def split_k_for(base_ctas: int, k: int, block_k: int, num_sms: int) -> int:
+    """Split-K count: the smallest power of two with ``base_ctas * split >= 2 *
+    num_sms`` (two waves of useful CTAs), capped so every split keeps at least
+    ``max(2 * block_k, 256)`` of K and at 16."""
+    split = 1
+    floor = max(2 * block_k, _MIN_K_PER_SPLIT)
+    while base_ctas * split < 2 * num_sms and split < _MAX_SPLIT and k // (2 * split) >= floor:
+        split *= 2
+    return split
+
+
+def _stages_that_fit(capability, block_m, bn, bk, esize, b_tiles, stages) -> int:
+    limit = shared_limit_of(capability) - _SHARED_SLACK
+    while stages > 2 and pipeline_shared_bytes(capability, block_m, bn, bk, esize, b_tiles, stages) > limit:
+        stages -= 1
+    return stages
+
+
+def _heuristic(num_experts, n, k, dtype, capability, block_m, gated_b, heavy_epilogue, num_slots, num_sms):
+    wide = dtype in (torch.float16, torch.bfloat16)
+    esize = 2 if wide else 4
+    fine_grained = n <= 2048 or num_experts >= 32
+    regime = _BLOCK_M_REGIME.get(block_m, "prefill" if block_m > 128 else "medium")
+    hopper = capability[0] in (9, 10)  # wgmma / tcgen05 and TMA
+    b_tiles = 2 if gated_b else 1
+    stages = 4 if (wide and capability >= (9, 0)) else 3
+    split, tma, persistent = 1, False, False
+    if regime in ("decode", "small"):
+        bn = 64 if (fine_grained or heavy_epilogue or regime == "decode") else 128
+        bk = (128 if regime == "decode" else 64) if wide else 32
+        warps = 4
+        if num_slots is not None and not heavy_epilogue:
+            base = expected_blocks(num_slots, num_experts, block_m) * -(-n // bn)
+            split = split_k_for(base, k, bk, num_sms)
+    elif regime == "medium":
+        bn = 64 if (fine_grained or heavy_epilogue) else 128
+        bk = 64 if wide else 32
+        warps = 8 if (bn >= 128 or heavy_epilogue) else 4
+        tma = hopper
+    else:  # prefill
+        bn = 32 if heavy_epilogue else (64 if gated_b else 128)
+        bk = 64 if wide else 32
+        warps = 8
+        tma = hopper
+        persistent = hopper and not heavy_epilogue
+    stages = _stages_that_fit(capability, block_m, bn, bk, esize, b_tiles, stages)
+    return GemmConfig(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+                      SPLIT_K=split, USE_TMA=tma, PERSISTENT=persistent)
 
 
 def gemm_config(num_experts: int, n: int, k: int, dtype: torch.dtype, capability: tuple[int, int],
                 block_m: int, gated_b: bool = False, heavy_epilogue: bool = False,
-                pin: dict[str, int] | None = None) -> GemmConfig:
-    """Config of one grouped GEMM ``[rows, k] x [E, n, k]^T``; ``gated_b`` says the B
-    tile is doubled (GEMM1 of a gated activation: gate and up rows); ``heavy_epilogue``
-    (the activation backward: five fp32 tiles live at once) caps ``BLOCK_N`` at 64 and
-    takes 8 warps, which keeps it free of register spills on sm_90."""
+                pin: dict[str, int] | None = None, num_slots: int | None = None,
+                num_sms: int = DEFAULT_NUM_SMS, kind: str | None = None) -> GemmConfig:
+    """Config of one grouped GEMM ``[rows, k] x [E, n, k]^T``; ``block_m`` is the plan's
+    (its regime chooses the tiles); ``num_slots`` (``T*k``, bucketed) and ``num_sms``
+    size split-K at decode; ``gated_b`` says the B tile is doubled (GEMM1 of a gated
+    activation); ``heavy_epilogue`` (the activation backward: five fp32 tiles live at
+    once) caps ``BLOCK_N`` and takes 8 warps. A shipped or tuned table entry for
+    ``kind`` (``"gemm1"``, ``"gemm2"``, ...) replaces the heuristic's tiles; a pin
+    replaces any field but ``BLOCK_M``."""
     if capability == (0, 0):
         cfg = GemmConfig(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     else:
-        wide = dtype in (torch.float16, torch.bfloat16)
-        fine_grained = n <= 2048 or num_experts >= 32
-        bn = 64 if (fine_grained or heavy_epilogue) else 128
-        bk = 64 if wide else 32
-        stages = 4 if (wide and capability >= (9, 0)) else 3
-        warps = 8 if (bn >= 128 or heavy_epilogue) else 4
-        limit = shared_limit_of(capability) - _SHARED_SLACK
-        b_tiles = 2 if gated_b else 1
-        while stages > 2 and pipeline_shared_bytes(capability, block_m, bn, bk, 2 if wide else 4, b_tiles,
-                                                   stages) > limit:
-            stages -= 1
-        cfg = GemmConfig(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        cfg = _heuristic(num_experts, n, k, dtype, capability, block_m, gated_b, heavy_epilogue, num_slots, num_sms)
+        if kind is not None:
+            from .tables import lookup
+            found = lookup(capability, num_sms, num_experts, n, k, dtype, block_m, kind)
+            if found is not None:
+                cfg = replace(cfg, **{f: v for f, v in found.items() if f != "BLOCK_M"})
     if pin:
         pin = dict(pin)
         pin.pop("BLOCK_M", None)  # the plan's block size wins; layer_block_m already read it

@@ -62,7 +62,7 @@ from ...plan import DispatchPlan
 from . import check_device, on_device
 from .combine import combine as combine_launch
 from .combine import combine_torch
-from .configs import capability_of, gemm_config
+from .configs import capability_of, gemm_config, num_sms_of
 from .gemm import Prologue, grouped_gemm, grouped_gemm_torch
 from .wgrad import expert_bias_grad, expert_weight_grad
 
@@ -83,6 +83,16 @@ class _Tuning:
 
     def config(self, e, n, k, dtype, cap, block_m, **kw):
         return gemm_config(e, n, k, dtype, cap, block_m, pin=self.pin, **kw)
+
+    def layer(self, plan, e, h, i, n_i, dtype, device, gated):
+        """The configs of a layer's GEMMs (gemm1, gemm2, dgemm2, dgemm1) for this plan:
+        the plan's block_m sets the regime, ``T*k`` and the SM count size split-K."""
+        cap, sms, s = capability_of(device), num_sms_of(device), plan.num_slots
+        kw = dict(num_slots=s, num_sms=sms)
+        return {"gemm1": self.config(e, i, h, dtype, cap, plan.block_m, gated_b=gated, kind="gemm1", **kw),
+                "gemm2": self.config(e, h, i, dtype, cap, plan.block_m, kind="gemm2", **kw),
+                "dgemm2": self.config(e, i, h, dtype, cap, plan.block_m, heavy_epilogue=True, kind="dgemm2", **kw),
+                "dgemm1": self.config(e, h, n_i, dtype, cap, plan.block_m, kind="dgemm1", **kw)}
 
     def as_op_args(self) -> tuple[list[int], bool]:
         # Custom-op arguments: the pin as one int per GEMM field (0 = not pinned).
@@ -113,9 +123,8 @@ def _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, act, interleaved, save
     e, n_i, _ = w13.shape
     i = w2.shape[2]
     s = plan.num_slots
-    cap = capability_of(x.device)
-    cfg1 = tuning.config(e, i, h, x.dtype, cap, plan.block_m, gated_b=act.gated)
-    cfg2 = tuning.config(e, h, i, x.dtype, cap, plan.block_m)
+    cfgs = tuning.layer(plan, e, h, i, n_i, x.dtype, x.device, act.gated)
+    cfg1, cfg2 = cfgs["gemm1"], cfgs["gemm2"]
     tune = {"autotune": tuning.autotune} if gemm is grouped_gemm else {}
     out = _empty((t, h), dtype=x.dtype, device=x.device) if out is None else out
     pre = _empty((s if save_pre else 0, n_i), dtype=x.dtype, device=x.device)
@@ -123,12 +132,11 @@ def _forward_impl(x, w13, w2, b13, b2, slot_weight, plan, act, interleaved, save
         return out.zero_(), pre
     hbuf = _empty((s, i), dtype=x.dtype, device=x.device)
     fused = combine == "fused"
-    counters = _empty((t * -(-h // cfg2.BLOCK_N),), dtype=torch.int32, device=x.device) if fused else None
+    pro = Prologue.for_combine(out, cfg2.BLOCK_N) if fused else None
     gemm(x, w13, plan, a_rows="token", epilogue="act", activation=act, interleaved=interleaved, bias=b13,
-         store_pre=save_pre, c=hbuf, pre=pre if save_pre else None,
-         prologue=Prologue(counters=counters, out=out) if fused else None, config=cfg1, **tune)
+         store_pre=save_pre, c=hbuf, pre=pre if save_pre else None, prologue=pro, config=cfg1, **tune)
     if fused:
-        gemm(hbuf, w2, plan, a_rows="slot", bias=b2, row_scale=True, combine="fused", out=out, counters=counters,
+        gemm(hbuf, w2, plan, a_rows="slot", bias=b2, row_scale=True, combine="fused", out=out, combine_from=pro,
              c=_empty((s, h), dtype=x.dtype, device=x.device), config=cfg2, **tune)
     else:
         y = gemm(hbuf, w2, plan, a_rows="slot", bias=b2, row_scale=True,
@@ -157,23 +165,23 @@ def _backward_impl(dout, x, w13, w2, b13, b2, slot_weight, pre, plan, act, inter
             g.zero_()
         return dx, dw13, dw2, db13, db2, dsw
     tune = {"autotune": tuning.autotune} if gemm is grouped_gemm else {}
+    cfgs = tuning.layer(plan, e, h, i, n_i, dt, dev, act.gated)
     if pre.shape[0] == 0:  # recompute_h
-        cfg1 = tuning.config(e, i, h, dt, cap, plan.block_m, gated_b=act.gated)
+        cfg1 = cfgs["gemm1"]
         pre = gemm(x, w13, plan, a_rows="token", epilogue="act", activation=act, interleaved=interleaved, bias=b13,
                    store_c=False, store_pre=True, pre=_empty((s, n_i), dtype=dt, device=dev), config=cfg1, **tune).pre
-    cfg_dh = tuning.config(e, i, h, dt, cap, plan.block_m, heavy_epilogue=True)
-    cfg_dx = tuning.config(e, h, n_i, dt, cap, plan.block_m)
+    cfg_dh, cfg_dx = cfgs["dgemm2"], cfgs["dgemm1"]
     fused = combine == "fused"
-    counters = _empty((t * -(-h // cfg_dx.BLOCK_N),), dtype=torch.int32, device=dev) if fused else None
+    pro = Prologue.for_combine(dx, cfg_dx.BLOCK_N, zero_f32=dsw) if fused else Prologue(zero_f32=dsw)
     w2t = w2.transpose(1, 2)  # [E, I, H] view: dOut @ W2[e]
     d1 = gemm(dout, w2t, plan, a_rows="token", epilogue="act_bwd", activation=act, interleaved=interleaved,
               pre=pre, store_h=need_w2, bias_dot=b2, c=_empty((s, n_i), dtype=dt, device=dev),
               h=_empty((s, i), dtype=dt, device=dev) if need_w2 else None,
               wpart=_empty((s, -(-i // cfg_dh.BLOCK_N)), dtype=torch.float32, device=dev),
-              prologue=Prologue(counters=counters, out=dx if fused else None, zero_f32=dsw), config=cfg_dh, **tune)
+              prologue=pro, config=cfg_dh, **tune)
     w13t = w13.transpose(1, 2)  # [E, H, nI] view: dh13 @ W13[e]
     if fused:
-        gemm(d1.c, w13t, plan, a_rows="slot", combine="fused", out=dx, counters=counters, dw_final=True,
+        gemm(d1.c, w13t, plan, a_rows="slot", combine="fused", out=dx, combine_from=pro, dw_final=True,
              wpart=d1.wpart, dw=dsw, c=_empty((s, h), dtype=dt, device=dev), config=cfg_dx, **tune)
     else:
         dxs = gemm(d1.c, w13t, plan, a_rows="slot", dw_final=True, wpart=d1.wpart, dw=dsw,

@@ -42,18 +42,19 @@ dtype; row offsets and expert offsets in int64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
 from ...activations import Activation, apply_activation
-from .act import ACT_CODES, _act_bwd, _act_fwd
+from .act import ACT_CODES
 from ...primitives import combine_slots
 from . import on_device
-from .combine import _fused_combine, _zero_prologue, ks_block
-from .configs import GemmConfig, autotune_configs, capability_of, gemm_config
+from .combine import _zero_prologue, ks_block, top_k_constexpr
+from .gemm_parts import _epilogue, _mainloop, _split_reduce, _tile_coords
+from .configs import GemmConfig, autotune_configs, capability_of, gemm_config, num_sms_of
 
 __all__ = ["ACT_CODES", "Prologue", "GemmOutputs", "grouped_gemm", "grouped_gemm_torch", "dot_precision",
            "tf32_allowed"]
@@ -65,38 +66,6 @@ _PRO_BLOCK = 1024
 
 
 # --------------------------------------------------------------------------- kernel
-
-
-@triton.jit
-def _load_pair(ptr, rows, stride_m, n0, offs_n, row_ok, N,
-               INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Gate and up columns n0 + offs_n of a [R, 2N] row-major buffer laid out like W13's rows.
-    if INTERLEAVED:
-        cols = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
-        v = tl.load(ptr + rows[:, None] * stride_m + cols[None, :],
-                    mask=row_ok[:, None] & (cols < 2 * N)[None, :], other=0.0).to(tl.float32)
-        g, u = tl.split(tl.reshape(v, (BLOCK_M, BLOCK_N, 2)))
-    else:
-        cols = n0 + offs_n
-        m = row_ok[:, None] & (cols < N)[None, :]
-        g = tl.load(ptr + rows[:, None] * stride_m + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        u = tl.load(ptr + rows[:, None] * stride_m + (N + cols)[None, :], mask=m, other=0.0).to(tl.float32)
-    return g, u
-
-
-@triton.jit
-def _store_pair(ptr, rows, stride_m, n0, offs_n, row_ok, N, g, u,
-                INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    if INTERLEAVED:
-        cols = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
-        v = tl.reshape(tl.join(g, u), (BLOCK_M, 2 * BLOCK_N))
-        tl.store(ptr + rows[:, None] * stride_m + cols[None, :], v.to(ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (cols < 2 * N)[None, :])
-    else:
-        cols = n0 + offs_n
-        m = row_ok[:, None] & (cols < N)[None, :]
-        tl.store(ptr + rows[:, None] * stride_m + cols[None, :], g.to(ptr.dtype.element_ty), mask=m)
-        tl.store(ptr + rows[:, None] * stride_m + (N + cols)[None, :], u.to(ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -120,7 +89,9 @@ def _grouped_gemm_kernel(
     pro_counter_ptr,    # [pro_count] int32 (prologue)
     pro_out_ptr,        # [T, pro_n] (prologue)
     pro_f32_ptr,        # [pro_f32_len] fp32 (prologue)
-    T, N, K, KS, NUM_BLOCKS, NUM_WPART, pro_count, pro_n, pro_f32_len,
+    part_ptr,           # [SPLIT_K, NUM_BLOCKS * cdiv(N, BLOCK_N), BLOCK_M, width] fp32 partials (SPLIT_K > 1)
+    split_cnt_ptr,      # [NUM_BLOCKS * cdiv(N, BLOCK_N)] int32 zeroed by the launcher (SPLIT_K > 1)
+    T, N, K, KS, NB, NUM_E, NUM_BLOCKS, NUM_WPART, pro_count, pro_n, pro_f32_len, k_split, k_rot,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_bias_e,
     stride_pm, stride_hm, stride_bd_e, stride_om, stride_pro_om,
     alpha, limit,
@@ -129,33 +100,86 @@ def _grouped_gemm_kernel(
     HAS_BIAS: tl.constexpr, STORE_C: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
     ROW_SCALE: tl.constexpr, BIAS_DOT: tl.constexpr, DW_FINAL: tl.constexpr, FUSED_COMBINE: tl.constexpr,
     PRO_COUNTERS: tl.constexpr, PRO_EMPTY_ROWS: tl.constexpr, PRO_F32: tl.constexpr,
-    KS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, PERSISTENT: tl.constexpr,
     PRO_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if SPLIT_K > 1:  # grid (tiles, SPLIT_K): the prologue strides over every program of both axes
+        pro_pid = pid * SPLIT_K + tl.program_id(1)
+        pro_nprog = tl.num_programs(0) * SPLIT_K
+    else:
+        pro_pid = pid
+        pro_nprog = tl.num_programs(0)
     if PRO_COUNTERS or PRO_EMPTY_ROWS or PRO_F32:
-        _zero_prologue(pid, tl.num_programs(0), T, KS, pro_count, pro_n, pro_f32_len, token_slots_ptr,
+        _zero_prologue(pro_pid, pro_nprog, T, KS, pro_count, pro_n, pro_f32_len, token_slots_ptr,
                        pro_counter_ptr, pro_out_ptr, pro_f32_ptr, stride_pro_om,
                        PRO_COUNTERS, PRO_EMPTY_ROWS, PRO_F32, KS_BLOCK, PRO_BLOCK, 16, 128)
 
-    # Swizzled order: GROUP_M row blocks (mostly one expert) sweep the N tiles together,
-    # so each weight tile comes from HBM once and from L2 for the rest of the group.
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(NUM_BLOCKS - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    if USE_TMA:  # built once per program (a persistent one reuses it for all its tiles)
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_E * NB, K], strides=[stride_bn, 1],
+                                               block_shape=[B_TILE_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_E * K, NB], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, B_TILE_N])
+    else:
+        b_desc = b_ptr
+    if PERSISTENT:
+        num_tiles = NUM_BLOCKS * num_pid_n
+        for tile in tl.range(pid, num_tiles, tl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, NUM_BLOCKS, num_pid_n, GROUP_M)
+            expert = tl.load(block_expert_ptr + pid_m)
+            if expert >= 0:
+                _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
+                      padded_slot_ptr, slot_token_ptr, slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
+                      part_ptr, split_cnt_ptr, expert, pid_m, pid_n, 0, num_pid_n,
+                      N, K, KS, NB, NUM_BLOCKS, NUM_WPART, k_split,
+                      stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_bias_e,
+                      stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
+                      A_ROWS, C_ROWS, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, B_TILE_N, HAS_BIAS, STORE_C,
+                      STORE_PRE, STORE_H, ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K,
+                      DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA, B_KMAJOR)
+    else:
+        pid_m, pid_n = _tile_coords(pid, NUM_BLOCKS, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        if SPLIT_K > 1:
+            pid_k = (tl.program_id(1) + k_rot) % SPLIT_K  # k_rot: tests change who arrives last
+        else:
+            pid_k = 0
+        _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
+              padded_slot_ptr, slot_token_ptr, slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
+              part_ptr, split_cnt_ptr, expert, pid_m, pid_n, pid_k, num_pid_n,
+              N, K, KS, NB, NUM_BLOCKS, NUM_WPART, k_split,
+              stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_bias_e,
+              stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
+              A_ROWS, C_ROWS, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, B_TILE_N, HAS_BIAS, STORE_C,
+              STORE_PRE, STORE_H, ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K,
+              DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA, B_KMAJOR)
 
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
+
+@triton.jit
+def _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
+          padded_slot_ptr, slot_token_ptr, slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
+          part_ptr, split_cnt_ptr,  # pointers: see _grouped_gemm_kernel
+          expert, pid_m, pid_n, pid_k, num_pid_n,
+          N, K, KS, NB, NUM_BLOCKS, NUM_WPART, k_split,
+          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_bias_e,
+          stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
+          A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, EPI: tl.constexpr, ACT: tl.constexpr,
+          GATED: tl.constexpr, INTERLEAVED: tl.constexpr, TWO_DOTS: tl.constexpr, B_TILE_N: tl.constexpr,
+          HAS_BIAS: tl.constexpr, STORE_C: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
+          ROW_SCALE: tl.constexpr, BIAS_DOT: tl.constexpr, DW_FINAL: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+          KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+          USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr):
+    # One (row block, N tile[, K split]) of the grouped GEMM: gather, K loop, epilogue.
     e64 = expert.to(tl.int64)
-
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     prow = pid_m.to(tl.int64) * BLOCK_M + offs_m
     slot = tl.load(padded_slot_ptr + prow)
     row_ok = slot >= 0
@@ -174,127 +198,68 @@ def _grouped_gemm_kernel(
 
     n0 = pid_n * BLOCK_N
     if TWO_DOTS or not GATED or EPI != 1:
+        b_row0 = n0
         b_cols = n0 + tl.arange(0, B_TILE_N)
         b_ok = b_cols < N
     else:  # interleaved gate/up rows: one contiguous 2*BLOCK_N tile, split in the epilogue
+        b_row0 = 2 * n0
         b_cols = 2 * n0 + tl.arange(0, B_TILE_N)
         b_ok = b_cols < 2 * N
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + e64 * stride_be + b_cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
-    b2_ptrs = b_ptrs + N * stride_bn  # up rows (TWO_DOTS)
-    acc = tl.zeros((BLOCK_M, B_TILE_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, B_TILE_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=b_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & b_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if TWO_DOTS:
-            if EVEN_K:
-                b2 = tl.load(b2_ptrs, mask=b_ok[None, :], other=0.0)
-            else:
-                b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & b_ok[None, :], other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-        b2_ptrs += BLOCK_K * stride_bk
-
-    cols = n0 + offs_n
-    col_ok = cols < N
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if ROW_SCALE or EPI == 2:
-        w = tl.load(slot_weight_ptr + slot64, mask=row_ok, other=0.0).to(tl.float32)
-
-    if EPI == 1:  # ---------------------------------------------- GEMM1: bias, activation
-        if HAS_BIAS:
-            bias_row = bias_ptr + e64 * stride_bias_e
-            acc += tl.load(bias_row + b_cols, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-            if TWO_DOTS:
-                acc2 += tl.load(bias_row + N + b_cols, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            if TWO_DOTS:
-                g = acc
-                u = acc2
-            else:
-                g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-            if STORE_PRE:
-                _store_pair(pre_ptr, c_rows, stride_pm, n0, offs_n, row_ok, N, g, u,
-                            INTERLEAVED, BLOCK_M, BLOCK_N)
-        else:
-            g = acc
-            u = acc
-            if STORE_PRE:
-                tl.store(pre_ptr + c_rows[:, None] * stride_pm + cols[None, :],
-                         g.to(pre_ptr.dtype.element_ty), mask=tile_ok)
-        if STORE_C:
-            h = _act_fwd(g, u, ACT, GATED, alpha, limit)
-            tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], h.to(c_ptr.dtype.element_ty),
-                     mask=tile_ok)
-    elif EPI == 2:  # ------------------------------------ dGEMM2: activation backward
-        if GATED:
-            pg, pu = _load_pair(pre_ptr, c_rows, stride_pm, n0, offs_n, row_ok, N, INTERLEAVED, BLOCK_M, BLOCK_N)
-        else:
-            pg = tl.load(pre_ptr + c_rows[:, None] * stride_pm + cols[None, :], mask=tile_ok,
-                         other=0.0).to(tl.float32)
-            pu = pg
-        h, dg, du = _act_bwd(pg, pu, acc * w[:, None], ACT, GATED, alpha, limit)
-        # The forward rounded h to its dtype before GEMM2; the weight gradient and dW2 use that h.
-        h = h.to(c_ptr.dtype.element_ty).to(tl.float32)
-        part = tl.sum(tl.where(tile_ok, acc * h, 0.0), axis=1)
-        if BIAS_DOT:
-            # y = h W2^T + b2, so dw also gets dot(dOut[t], b2[e]): once per row, by the
-            # first column block, in its own loop (kept out of the MMA loop's registers).
-            if pid_n == 0:
-                a_row_ptrs = a_ptr + a_rows[:, None] * stride_am
-                for k0 in range(0, K, BLOCK_K):
-                    kk = k0 + offs_k
-                    av = tl.load(a_row_ptrs + kk[None, :] * stride_ak, mask=row_ok[:, None] & (kk < K)[None, :],
-                                 other=0.0).to(tl.float32)
-                    bd = tl.load(bias_dot_ptr + e64 * stride_bd_e + kk, mask=kk < K, other=0.0).to(tl.float32)
-                    part += tl.sum(av * bd[None, :], axis=1)
-        tl.store(wpart_ptr + slot64 * NUM_WPART + pid_n, part, mask=row_ok)
-        if STORE_H:
-            tl.store(h_ptr + c_rows[:, None] * stride_hm + cols[None, :], h.to(h_ptr.dtype.element_ty),
-                     mask=tile_ok)
-        if GATED:
-            _store_pair(c_ptr, c_rows, stride_cm, n0, offs_n, row_ok, N, dg, du, INTERLEAVED, BLOCK_M, BLOCK_N)
-        else:
-            tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], dg.to(c_ptr.dtype.element_ty),
-                     mask=tile_ok)
-    else:  # ------------------------------------------- GEMM2 / dGEMM1: plain epilogue
-        v = acc
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + e64 * stride_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if ROW_SCALE:
-            v = v * w[:, None]
-        tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], v.to(c_ptr.dtype.element_ty), mask=tile_ok)
-        if DW_FINAL:
-            if pid_n == 0:
-                dw = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                for j in range(0, NUM_WPART):
-                    dw += tl.load(wpart_ptr + slot64 * NUM_WPART + j, mask=row_ok, other=0.0)
-                tl.store(dw_ptr + slot64, dw, mask=row_ok)
-        if FUSED_COMBINE:
-            _fused_combine(c_ptr, token_slots_ptr, counter_ptr, out_ptr, token64, row_ok, cols, col_ok, offs_n,
-                           pid_n, num_pid_n, KS, stride_cm, stride_om, KS_BLOCK, BLOCK_M, BLOCK_N)
+    k_lo = pid_k * k_split
+    acc, acc2 = _mainloop(a_ptr, b_ptr, b_desc, a_rows, row_ok, expert, e64, b_cols, b_ok, b_row0, N, K, NB,
+                          k_lo, tl.minimum(K, k_lo + k_split), stride_am, stride_ak, stride_be, stride_bn, stride_bk,
+                          TWO_DOTS, B_TILE_N, USE_TMA, B_KMAJOR, SPLIT_K > 1, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_K)
+    if SPLIT_K > 1:
+        acc, acc2, last = _split_reduce(acc, acc2, part_ptr, split_cnt_ptr, pid_m * num_pid_n + pid_n, pid_k,
+                                        NUM_BLOCKS * num_pid_n, TWO_DOTS, SPLIT_K, BLOCK_M, B_TILE_N)
+    else:
+        last = True
+    if last:
+        _epilogue(acc, acc2, a_ptr, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
+                  slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
+                  a_rows, c_rows, slot64, token64, row_ok, e64, b_cols, b_ok, n0, pid_n, num_pid_n,
+                  N, K, KS, NUM_WPART,
+                  stride_am, stride_ak, stride_cm, stride_bias_e, stride_pm, stride_hm, stride_bd_e, stride_om,
+                  alpha, limit, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, HAS_BIAS, STORE_C, STORE_PRE, STORE_H,
+                  ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------------------- launcher
 
 
-@dataclass
+@dataclass(eq=False)
 class Prologue:
     """Work a GEMM does before its tiles, for the *next* kernel's fused combine:
     zero ``counters`` (int32) and ``zero_f32`` (fp32), and zero the rows of ``out``
-    ([T, N]) whose token has no valid slot."""
+    ([T, N]) whose token has no valid slot.
+
+    A one-shot hand-off between two launches of one op: the launch that runs it sets
+    ``ran``; the fused-combine launch takes it (``combine_from=``), refuses it unless it
+    ran and its ``out`` and counter count are this launch's, and consumes it (the
+    counters end non-zero). Without ``combine_from`` a fused launch zeroes its own
+    counters and empty rows first (two memsets), so the combine cannot read stale
+    counters whatever the caller does."""
 
     counters: torch.Tensor | None = None
     out: torch.Tensor | None = None
     zero_f32: torch.Tensor | None = None
+    ran: bool = field(default=False, repr=False)
+
+    @classmethod
+    def for_combine(cls, out: torch.Tensor, block_n: int, zero_f32: torch.Tensor | None = None) -> "Prologue":
+        """The prologue that prepares a fused combine into ``out`` [T, N] with ``block_n``-wide tiles."""
+        t, n = out.shape
+        counters = torch.empty((t * triton.cdiv(n, block_n),), dtype=torch.int32, device=out.device)
+        return cls(counters=counters, out=out, zero_f32=zero_f32)
+
+    def _run_here(self, plan) -> None:
+        # The same work as the kernel's prologue, for a launch with no program to run it.
+        if self.counters is not None:
+            self.counters.zero_()
+        if self.zero_f32 is not None:
+            self.zero_f32.zero_()
+        if self.out is not None:
+            self.out.masked_fill_((plan.token_slots < 0).all(dim=1, keepdim=True), 0)
 
 
 @dataclass
@@ -384,7 +349,8 @@ def _prepare(a, b, plan, *, a_rows, c_rows, epilogue, activation, interleaved, b
     n = nb // 2 if (epilogue == "act" and gated) else nb
     rc = _rows(plan, c_rows)
     cfg = config or gemm_config(e, n, k, a.dtype, capability_of(dev), plan.block_m,
-                                gated_b=epilogue == "act" and gated, heavy_epilogue=epilogue == "act_bwd")
+                                gated_b=epilogue == "act" and gated, heavy_epilogue=epilogue == "act_bwd",
+                                num_slots=s, num_sms=num_sms_of(dev))
     if cfg.BLOCK_M != plan.block_m:
         raise ValueError(f"config: BLOCK_M={cfg.BLOCK_M} must equal the plan's block_m={plan.block_m}")
     num_pid_n = triton.cdiv(n, cfg.BLOCK_N)
@@ -422,13 +388,72 @@ def _autotuned():
     """The kernel under ``triton.autotune`` (``autotune=True``): BLOCK_K, warps and
     stages are tuned per (N, K, dtype, mode); BLOCK_M is the plan's and BLOCK_N stays the
     heuristic's, since buffer shapes (partials, counters) depend on it. Benchmark runs
-    repeat the kernel, which is idempotent except for the combine counters: restored."""
+    repeat the kernel, which is idempotent except for the counters: restored."""
     if not _AUTOTUNED:
         cands = [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in autotune_configs()]
         heur = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_grouped_gemm_kernel)
-        _AUTOTUNED.append(triton.autotune(cands, key=["N", "K", "A_ROWS", "EPI", "ACT", "GATED", "BLOCK_M", "BLOCK_N"],
-                                          restore_value=["counter_ptr"])(heur))
+        _AUTOTUNED.append(triton.autotune(cands, key=["N", "K", "A_ROWS", "EPI", "ACT", "GATED", "BLOCK_M", "BLOCK_N",
+                                                      "SPLIT_K"],
+                                          restore_value=["counter_ptr", "split_cnt_ptr"])(heur))
     return _AUTOTUNED[0]
+
+
+def _combine_counters(combine_from: Prologue | None, res: GemmOutputs, plan, t: int, num_pid_n: int):
+    """The fused combine's counters: a hand-off prepared by an earlier launch's prologue,
+    checked and consumed, or zeroed here (see :class:`Prologue`)."""
+    if combine_from is None:
+        counters = torch.zeros((t * num_pid_n,), dtype=torch.int32, device=res.out.device)
+        Prologue(out=res.out)._run_here(plan)
+        return counters
+    if not isinstance(combine_from, Prologue) or combine_from.counters is None or combine_from.out is None:
+        raise ValueError("combine_from: expected the Prologue (with counters and out) that an earlier launch ran")
+    if not combine_from.ran:
+        raise ValueError("combine_from: this Prologue has not run (or was consumed): launch the GEMM that takes it "
+                         "as prologue= first, on the same stream")
+    if combine_from.out is not res.out or combine_from.counters.numel() != t * num_pid_n:
+        raise ValueError(f"combine_from: its out must be this launch's out and hold {t}x{num_pid_n} counters "
+                         f"(got {combine_from.counters.numel()})")
+    combine_from.ran = False
+    return combine_from.counters
+
+
+def _tma_layout(cfg: GemmConfig, b: torch.Tensor) -> str | None:
+    """Which descriptor the weights allow: ``"kmajor"`` (contiguous [E, NB, K]),
+    ``"nmajor"`` (a transposed view of contiguous [E, K, NB] storage, with K a multiple
+    of BLOCK_K), or None: the pointer path. A descriptor needs 16-byte aligned rows and
+    base and int32 dimensions."""
+    if not cfg.USE_TMA or not hasattr(tl, "make_tensor_descriptor"):
+        return None
+    e, nb, k = b.shape
+    es = b.element_size()
+    if b.data_ptr() % 16 or e * max(nb, k) >= 2**31:
+        return None
+    if b.stride(2) == 1 and b.stride(1) == k and b.stride(0) == nb * k and (k * es) % 16 == 0:
+        return "kmajor"
+    if (b.stride(1) == 1 and b.stride(2) == nb and b.stride(0) == nb * k and (nb * es) % 16 == 0
+            and k % cfg.BLOCK_K == 0):
+        return "nmajor"
+    return None
+
+
+
+_ALLOCATOR_SET = []
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need 128 bytes of global scratch per program, from
+    Triton's allocator; set one (torch's caching allocator) unless the process has one."""
+    if _ALLOCATOR_SET:
+        return
+    try:
+        from triton.runtime import _allocation
+        current = _allocation._allocator.get()
+        null = isinstance(current, _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        null = True
+    if null:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _ALLOCATOR_SET.append(True)
 
 
 def grouped_gemm(
@@ -438,14 +463,16 @@ def grouped_gemm(
     pre: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None, wpart: torch.Tensor | None = None,
     dw_final: bool = False, combine: str = "none", prologue: Prologue | None = None,
     c: torch.Tensor | None = None, h: torch.Tensor | None = None, dw: torch.Tensor | None = None,
-    out: torch.Tensor | None = None, counters: torch.Tensor | None = None, config: GemmConfig | None = None,
-    autotune: bool = False,
+    out: torch.Tensor | None = None, combine_from: Prologue | None = None, config: GemmConfig | None = None,
+    autotune: bool = False, _k_rot: int = 0,
 ) -> GemmOutputs:
     """One launch of the grouped GEMM. ``b`` is logically [E, NB, K]; ``N`` (the output
     columns) is NB, or NB/2 for ``epilogue="act"`` with a gated activation. Output
     buffers are allocated unless given (``c``, ``pre`` for ``store_pre``, ``h``, ``wpart``,
-    ``dw``, ``out``, ``counters``). ``plan`` is a DispatchPlan (or any object with its
-    fields). See the module docstring for the modes."""
+    ``dw``, ``out``). ``combine="fused"`` takes its counters from ``combine_from`` (the
+    :class:`Prologue` an earlier launch ran) or zeroes its own. ``plan`` is a
+    DispatchPlan (or any object with its fields). See the module docstring for the
+    modes. ``_k_rot`` (tests) rotates which K split each program runs."""
     res, n, cfg = _prepare(a, b, plan, a_rows=a_rows, c_rows=c_rows, epilogue=epilogue, activation=activation,
                           interleaved=interleaved, bias=bias, row_scale=row_scale, store_c=store_c,
                           store_pre=store_pre, store_h=store_h, pre=pre, bias_dot=bias_dot, wpart=wpart,
@@ -453,18 +480,36 @@ def grouped_gemm(
     act, e, k = activation, b.shape[0], b.shape[2]
     gated = bool(act is not None and act.gated)
     s, t, num_pid_n = plan.slot_token.shape[0], plan.num_tokens, triton.cdiv(n, cfg.BLOCK_N)
-    if combine == "fused" and (counters is None or counters.numel() != t * num_pid_n):
-        raise ValueError(f"counters: the fused combine needs {t}x{num_pid_n} int32 counters zeroed by the "
-                         f"previous kernel's prologue")
     pro = prologue or Prologue()
     nblocks = plan.block_expert.shape[0]
-    grid = (nblocks * num_pid_n,)
-    if grid[0] == 0:
+    num_tiles = nblocks * num_pid_n
+    if num_tiles == 0:  # no program would run the prologue or the combine
+        if prologue is not None:
+            prologue._run_here(plan)
+            prologue.ran = True
+        if combine == "fused":
+            _combine_counters(combine_from, res, plan, t, num_pid_n)
         return res
+    counters = _combine_counters(combine_from, res, plan, t, num_pid_n) if combine == "fused" else None
     dummy = plan.padded_slot  # any tensor: pointers of disabled features are never read
     ks = plan.token_slots.shape[1]
     two_dots = epilogue == "act" and gated and not interleaved
     b_tile_n = 2 * cfg.BLOCK_N if (epilogue == "act" and gated and interleaved) else cfg.BLOCK_N
+    split = cfg.SPLIT_K
+    k_split = triton.cdiv(triton.cdiv(k, split), cfg.BLOCK_K) * cfg.BLOCK_K
+    if split > 1:
+        part = torch.empty((split, num_tiles, cfg.BLOCK_M, b_tile_n * (2 if two_dots else 1)), dtype=torch.float32,
+                           device=a.device)
+        split_cnt = torch.zeros((num_tiles,), dtype=torch.int32, device=a.device)
+    else:
+        part = split_cnt = dummy
+    layout = _tma_layout(cfg, b)
+    use_tma = layout is not None
+    persistent = cfg.PERSISTENT and split == 1
+    if persistent:
+        grid = (min(num_tiles, num_sms_of(a.device)),)
+    else:
+        grid = (num_tiles, split) if split > 1 else (num_tiles,)
     pre_t = res.pre if res.pre is not None else dummy
     args = (
         a, b, res.c if res.c is not None else dummy, bias if bias is not None else dummy, pre_t,
@@ -473,11 +518,11 @@ def grouped_gemm(
         plan.padded_slot, plan.slot_token, plan.slot_weight, plan.block_expert, plan.token_slots,
         counters if counters is not None else dummy, res.out if res.out is not None else dummy,
         pro.counters if pro.counters is not None else dummy, pro.out if pro.out is not None else dummy,
-        pro.zero_f32 if pro.zero_f32 is not None else dummy,
-        t, n, k, ks, nblocks, res.wpart.shape[1] if res.wpart is not None else 1,
+        pro.zero_f32 if pro.zero_f32 is not None else dummy, part, split_cnt,
+        t, n, k, ks, b.shape[1], e, nblocks, res.wpart.shape[1] if res.wpart is not None else 1,
         pro.counters.numel() if pro.counters is not None else 0,
         pro.out.shape[1] if pro.out is not None else 0,
-        pro.zero_f32.numel() if pro.zero_f32 is not None else 0,
+        pro.zero_f32.numel() if pro.zero_f32 is not None else 0, k_split, _k_rot % split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         res.c.stride(0) if res.c is not None else 0, bias.stride(0) if bias is not None else 0,
         pre_t.stride(0) if res.pre is not None else 0, res.h.stride(0) if res.h is not None else 0,
@@ -492,15 +537,21 @@ def grouped_gemm(
         STORE_PRE=res.pre is not None and epilogue == "act", STORE_H=res.h is not None, ROW_SCALE=row_scale,
         BIAS_DOT=bias_dot is not None, DW_FINAL=dw_final, FUSED_COMBINE=combine == "fused",
         PRO_COUNTERS=pro.counters is not None, PRO_EMPTY_ROWS=pro.out is not None, PRO_F32=pro.zero_f32 is not None,
-        KS_BLOCK=ks_block(ks), DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M, PRO_BLOCK=_PRO_BLOCK,
+        KS_BLOCK=ks_block(ks), TOP_K=top_k_constexpr(ks), DOT_PRECISION=dot_precision(a.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M, SPLIT_K=split, USE_TMA=use_tma,
+        B_KMAJOR=layout != "nmajor",
+        PERSISTENT=persistent, PRO_BLOCK=_PRO_BLOCK,
     )
     with on_device(a):
+        if use_tma and a.is_cuda:
+            _ensure_allocator()
         if a.is_cuda and autotune:
             _autotuned()[grid](*args, **meta)
         else:
             _grouped_gemm_kernel[grid](*args, **meta, BLOCK_K=cfg.BLOCK_K, EVEN_K=k % cfg.BLOCK_K == 0,
                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if prologue is not None:
+        prologue.ran = True
     return res
 
 
@@ -514,18 +565,14 @@ def grouped_gemm_torch(
     pre: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None, wpart: torch.Tensor | None = None,
     dw_final: bool = False, combine: str = "none", prologue: Prologue | None = None,
     c: torch.Tensor | None = None, h: torch.Tensor | None = None, dw: torch.Tensor | None = None,
-    out: torch.Tensor | None = None, counters: torch.Tensor | None = None, config: GemmConfig | None = None,
-    autotune: bool = False,
+    out: torch.Tensor | None = None, combine_from: Prologue | None = None, config: GemmConfig | None = None,
+    autotune: bool = False, _k_rot: int = 0,
 ) -> GemmOutputs:
     """Pure-PyTorch twin of :func:`grouped_gemm` (same signature, same buffers written,
     fp32 math): writes only the rows the kernel writes."""
-    pro = prologue or Prologue()
-    if pro.counters is not None:
-        pro.counters.zero_()
-    if pro.zero_f32 is not None:
-        pro.zero_f32.zero_()
-    if pro.out is not None:
-        pro.out[(plan.token_slots < 0).all(dim=1)] = 0
+    if prologue is not None:
+        prologue._run_here(plan)
+        prologue.ran = True
     res, n, cfg = _prepare(a, b, plan, a_rows=a_rows, c_rows=c_rows, epilogue=epilogue, activation=activation,
                           interleaved=interleaved, bias=bias, row_scale=row_scale, store_c=store_c,
                           store_pre=store_pre, store_h=store_h, pre=pre, bias_dot=bias_dot, wpart=wpart,
@@ -580,6 +627,7 @@ def grouped_gemm_torch(
         if dw_final:
             res.dw[vs] = wpart[vs].sum(1)
         if combine == "fused":
+            _combine_counters(combine_from, res, plan, t, num_pid_n)
             has = (plan.token_slots >= 0).any(dim=1)
             res.out[has] = combine_slots(res.c.float(), plan.token_slots)[has].to(dt)
     return res
