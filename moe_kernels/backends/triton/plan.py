@@ -45,8 +45,9 @@ from ...plan import DispatchPlan, max_padded_rows
 from ...routing import Routing
 from ...limits import TRITON
 from . import check_device, on_device
+from .plan_multi import launch_shape as multi_launch_shape, plan_multi
 
-__all__ = ["build_plan_triton"]
+__all__ = ["build_plan_triton", "launch_shape", "uses_many_programs"]
 
 # Allocation hook: tests replace it to pre-fill outputs with poison.
 _empty = torch.empty
@@ -178,7 +179,38 @@ def _config(num_experts: int, block_m: int) -> dict:
                 num_warps=4 if e_pow2 <= 256 else 8)
 
 
-def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_token, top_k, block_m):
+# One program is enough while its one-hot work (S * next_pow2(E) int32 elements) stays
+# below this; past it (or S above 4096) the many-program pipeline of plan_multi runs.
+SINGLE_PROGRAM_MAX_WORK = 1 << 19
+SINGLE_PROGRAM_MAX_SLOTS = 4096
+MULTI_MAX_K = 4096  # token rows are sorted as one [BLOCK_T, next_pow2(K)] tile
+
+
+def uses_many_programs(num_slots: int, num_experts: int, max_slots_per_token: int, top_k: int) -> bool:
+    """Whether a plan of these (static) sizes runs the many-program pipeline."""
+    if num_slots == 0 or (top_k == 0 and max_slots_per_token > MULTI_MAX_K):
+        return False
+    work = num_slots * max(16, triton.next_power_of_2(num_experts))
+    return num_slots > SINGLE_PROGRAM_MAX_SLOTS or work > SINGLE_PROGRAM_MAX_WORK
+
+
+def launch_shape(num_slots: int, num_experts: int, num_tokens: int, max_slots_per_token: int, top_k: int,
+                 block_m: int, many: bool | None = None) -> list:
+    """The launches a plan of these sizes takes (``plan_multi.Launch``: kernel, grid, the
+    most loop iterations of any program). One program at decode sizes, whose loops walk
+    all ``S`` slots; many programs past them, none of whose trip counts grows with ``S``."""
+    if many is None:
+        many = uses_many_programs(num_slots, num_experts, max_slots_per_token, top_k)
+    if many:
+        return multi_launch_shape(num_slots, num_experts, num_tokens, max_slots_per_token, top_k, block_m)
+    from .plan_multi import Launch
+
+    cfg = _config(num_experts, block_m)
+    trips = -(-num_slots // cfg["BLOCK_S"])
+    return [Launch("_plan_fwd_kernel", (1,), 2 * trips + -(-num_tokens * max_slots_per_token // cfg["BLOCK_S"]))]
+
+
+def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_token, top_k, block_m, many=None):
     s, e, t, k = slot_expert.shape[0], num_experts, num_tokens, max_slots_per_token
     dev = slot_expert.device
     p = max_padded_rows(s, e, block_m)
@@ -192,14 +224,20 @@ def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_toke
     padded_slot = _empty((p,), dtype=i32, device=dev)
     block_expert = _empty((nb,), dtype=i32, device=dev)
     token_slots = _empty((t, k), dtype=i32, device=dev)
-    cursor = torch.empty((t,), dtype=i32, device=dev) if top_k == 0 else token_slots
+    outs = (counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert, token_slots)
+    if many is None:
+        many = uses_many_programs(s, e, k, top_k)
     with on_device(slot_expert):
+        if many and s > 0:
+            plan_multi(slot_expert, slot_token, outs, t, e, k, top_k, block_m)
+            return outs
+        cursor = torch.empty((t,), dtype=i32, device=dev) if top_k == 0 else token_slots
         _plan_fwd_kernel[(1,)](
             slot_expert, slot_token, counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert,
             token_slots, cursor, s, e, t, p, nb, k, top_k,
             BLOCK_M=block_m, TOKEN_MAJOR=top_k > 0, **_config(e, block_m),
         )
-    return counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert, token_slots
+    return outs
 
 
 @torch.library.custom_op("moe_kernels::dispatch_plan", mutates_args=())
