@@ -18,6 +18,7 @@ from moe_kernels import routing as R  # noqa: E402
 from moe_kernels.plan import build_plan_torch  # noqa: E402
 from moe_kernels.routing import Routing  # noqa: E402
 from moe_kernels.backends.triton import plan as TP  # noqa: E402
+from moe_kernels.backends.triton import plan_multi as TM  # noqa: E402
 from moe_kernels.backends.triton.plan import build_plan_triton  # noqa: E402
 
 FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "padded_offsets", "padded_slot",
@@ -228,11 +229,14 @@ def test_many_programs_topk(monkeypatch, t, e, k, bm):
     assert shape[0].programs >= (t * k) // 4096  # at least one program per chunk of slots
 
 
-def test_many_programs_two_scan_levels(monkeypatch):
-    # NBK = S / CHUNK > SCAN_ROWS: two scan launches, the level sums read in placement
-    x = _logits(2100, 256)
-    shape = _compare_many(monkeypatch, R.softmax_topk(x, 8), 64)
-    assert sum(ln.kernel == "_plan_scan_fwd_kernel" for ln in shape) == 2
+@pytest.mark.parametrize("t,levels", [pytest.param(2000, 2, id="two-levels"), pytest.param(5000, 3, id="three")])
+def test_many_programs_scan_levels(monkeypatch, t, levels):
+    # NBK = S / CHUNK > SCAN_ROWS: several scan launches, whose level sums placement adds.
+    # SCAN_ROWS shrunk to 4 so that the interpreter reaches them on a small S.
+    real = TM.multi_config
+    monkeypatch.setattr(TM, "multi_config", lambda *a: dict(real(*a), SCAN_ROWS=4))
+    shape = _compare_many(monkeypatch, R.softmax_topk(_logits(t, 13), 1), 16)
+    assert sum(ln.kernel == "_plan_scan_fwd_kernel" for ln in shape) == levels
 
 
 def test_many_programs_all_to_one_expert_and_all_dropped(monkeypatch):
@@ -268,19 +272,20 @@ def test_many_programs_expert_choice(monkeypatch, t, e, cf):
 
 
 def test_many_programs_unordered_layout(monkeypatch):
-    s, t, e = 3000, 50, 6
+    # slots in no order, some dropped, rows sorted after the atomic appends
+    s, t, e = 1500, 50, 6
     tok = torch.randint(0, t, (s,), dtype=torch.int32, device=DEVICE)
     exp = torch.randint(0, e + 1, (s,), dtype=torch.int32, device=DEVICE)
-    r = Routing(tok, exp, torch.rand(s, device=DEVICE), t, e, max_slots_per_token=200, top_k=None)
+    r = Routing(tok, exp, torch.rand(s, device=DEVICE), t, e, max_slots_per_token=64, top_k=None)
     _compare_many(monkeypatch, r, 16)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("e", [8, 256, 1024])
-def test_many_programs_s65536(monkeypatch, e):
-    # S = 2^16 slots through the public entry point (which picks many programs by itself)
+@pytest.mark.parametrize("s,e", [(65536, 8), (65536, 256), (8192, 1024)])
+def test_many_programs_large(monkeypatch, s, e):
+    # up to S = 2^16 slots through the public entry point (which picks many programs itself)
     k = 8
-    r = R.softmax_topk(_logits(65536 // k, e), k)
+    r = R.softmax_topk(_logits(s // k, e), k)
     assert TP.uses_many_programs(r.num_slots, e, k, k)
     _compare(monkeypatch, r, 64)
 

@@ -1,6 +1,11 @@
-"""The dispatch plan in ONE Triton launch (``_plan_fwd_kernel``, a single program).
+"""The dispatch plan in Triton: one program at decode sizes, many at prefill sizes.
 
-Pipeline, all inside one program that loops over its inputs in chunks:
+Decode-sized plans (``S <= 4096`` slots and ``S * next_pow2(E) <= 2^19``, see
+:func:`uses_many_programs`) run ``_plan_fwd_kernel`` as ONE program (one launch, the
+latency target's shape); larger ones run the many-program pipeline of
+:mod:`.plan_multi` (histogram per chunk of slots, scans, placement from prefix sums,
+block map, token table: 5 to 10 launches, each spread over ``O(S / CHUNK)`` programs of
+fixed work). :func:`launch_shape` says which launches a size takes. The one program:
 
 1. count: a one-hot ``[BLOCK_S, E]`` tile per chunk of ``slot_expert``, summed →
    ``expert_counts``; exclusive prefix sums → ``expert_offsets`` and (counts rounded up
@@ -21,13 +26,13 @@ Pipeline, all inside one program that loops over its inputs in chunks:
    slots to their tokens' rows through a per-token cursor in a scratch buffer, with a
    block barrier between the cursor's reads and writes.
 
-Every output is allocated with ``torch.empty`` and every element is written by the
-kernel, so building a plan is exactly one kernel launch and no host synchronisation:
-all sizes come from ``S``, ``E``, ``T`` and ``block_m`` (see
-:func:`moe_kernels.plan.max_padded_rows`). One program is the right shape for the
-decode-sized plans the latency target is about; its cost grows as ``S * E`` element
-operations (one-hot tiles), which for a prefill-sized plan (S ~ 64K, E ~ 256) is tens of
-microseconds on one SM. No backward: the plan holds indices only.
+Every output is allocated with ``torch.empty`` and every element is written by a
+kernel, so building a plan needs no host synchronisation: all sizes come from ``S``,
+``E``, ``T`` and ``block_m`` (see :func:`moe_kernels.plan.max_padded_rows`), and the
+choice between the two shapes is made on them too. The one program's cost grows as
+``S * E`` one-hot element operations on one SM (about 2 ms at S = 65,536, E = 256 by
+instruction count), which is why prefill sizes take the many-program pipeline (cost in
+docs/PERFORMANCE.md). No backward: the plan holds indices only.
 
 Exposed as the ``torch.library`` custom op ``moe_kernels::dispatch_plan`` (a tuple of
 index tensors, fake implementation for ``torch.compile``); :func:`build_plan_triton`

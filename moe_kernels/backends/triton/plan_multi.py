@@ -47,7 +47,7 @@ import triton.language as tl
 
 __all__ = ["Launch", "launch_shape", "multi_config", "plan_multi"]
 
-_INT_MAX = 2147483647
+_INT_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
