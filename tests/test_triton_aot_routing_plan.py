@@ -14,6 +14,7 @@ from triton_interp import import_or_skip
 import_or_skip()
 
 from moe_kernels.backends.triton import plan as TP  # noqa: E402
+from moe_kernels.backends.triton import plan_multi as TM  # noqa: E402
 from moe_kernels.backends.triton import routing as TR  # noqa: E402
 from moe_kernels.backends.triton import wgrad as TW  # noqa: E402
 from aot import compile_for, compile_many, shared_limit  # noqa: E402
@@ -64,6 +65,26 @@ def _plan(e, token_major, arch):
                 arch=arch, num_warps=warps)
 
 
+# The many-program plan's kernels: (E, arch); each kernel with the constexprs it takes.
+PLAN_MULTI = [(256, 90), (256, 80), (1024, 90), (1, 80)]
+PLAN_MULTI_KERNELS = ("_plan_hist_fwd_kernel", "_plan_scan_fwd_kernel", "_plan_offsets_fwd_kernel",
+                      "_plan_place_fwd_kernel", "_plan_blocks_fwd_kernel", "_plan_token_major_fwd_kernel",
+                      "_plan_token_fill_fwd_kernel", "_plan_token_append_fwd_kernel", "_plan_token_sort_fwd_kernel")
+
+
+def _plan_multi(name, e, arch):
+    kernel = getattr(TM, name)
+    cfg = TM.multi_config(e, 64, 16)
+    names = kernel.arg_names
+    ce = {n: v for n, v in dict(cfg, BLOCK_M=64, NUM_LEVELS=2, E_TILE=cfg["E_TILE"]).items() if n in names}
+    if name == "_plan_offsets_fwd_kernel":
+        ce["E_TILE"] = cfg["OFFS_TILE"]
+    if name == "_plan_blocks_fwd_kernel":
+        ce["E_TILE"] = cfg["BLOCKS_E_TILE"]
+    sig = {n: ("*i32" if n.endswith("_ptr") else "i32") for n in names if n not in ce}
+    return dict(kernel=kernel, signature=sig, constexprs=ce, arch=arch, num_warps=4)
+
+
 def _wgrad(dt, arch, has_w=True):
     sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "dw_ptr": f"*{dt}", "db_ptr": f"*{dt}", **WGRAD_SIG}
     cfg = TW._config(4096, 1024 if has_w else 1, TORCH[dt])
@@ -82,6 +103,9 @@ def _all_jobs():
         jobs[("fwd", dt, variant, arch)] = _routing_fwd(dt, variant, arch)
     for e, tm, arch in PLAN:
         jobs[("plan", e, tm, arch)] = _plan(e, tm, arch)
+    for e, arch in PLAN_MULTI:
+        for name in PLAN_MULTI_KERNELS:
+            jobs[("plan-multi", name, e, arch)] = _plan_multi(name, e, arch)
     for arch in ARCHS:
         for dt in FLOATS:
             jobs[("bwd", dt, arch)] = _routing_bwd(dt, arch)
@@ -142,6 +166,13 @@ def test_plan(compiled, e, token_major, arch):
     _check(info, arch)
     if not token_major:
         assert "bar.sync" in info.ptx  # the cursor barriers survived
+
+
+@pytest.mark.parametrize("e,arch", PLAN_MULTI)
+@pytest.mark.parametrize("name", PLAN_MULTI_KERNELS)
+def test_plan_many_programs(compiled, name, e, arch):
+    # every kernel of the prefill plan compiles, fits and keeps out of register spills
+    _check(_get(compiled, ("plan-multi", name, e, arch)), arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -18,6 +18,7 @@ from moe_kernels import routing as R  # noqa: E402
 from moe_kernels.plan import build_plan_torch  # noqa: E402
 from moe_kernels.routing import Routing  # noqa: E402
 from moe_kernels.backends.triton import plan as TP  # noqa: E402
+from moe_kernels.backends.triton import plan_multi as TM  # noqa: E402
 from moe_kernels.backends.triton.plan import build_plan_triton  # noqa: E402
 
 FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "padded_offsets", "padded_slot",
@@ -188,3 +189,127 @@ def test_bad_arguments():
     big = Routing.from_topk(torch.zeros(2, 1, dtype=torch.int32, device=DEVICE), torch.ones(2, 1, device=DEVICE), 1025)
     with pytest.raises(ValueError, match="num_experts"):
         build_plan_triton(big, 16)
+
+
+# --------------------------------------------------------------------------- many programs
+# The prefill pipeline (plan_multi), forced on small inputs so each case runs many
+# programs (chunks of CHUNK slots x tiles of experts, one to three scan levels).
+
+
+def _compare_many(monkeypatch, routing, block_m):
+    poison_empty(monkeypatch, TP)
+    se, st = routing.slot_expert.contiguous(), routing.slot_token.contiguous()
+    shape = TP.launch_shape(se.shape[0], routing.num_experts, routing.num_tokens, routing.max_slots_per_token,
+                            routing.top_k or 0, block_m, many=True)
+    assert shape[0].kernel == "_plan_hist_fwd_kernel"
+    got = TP._launch(se, st, routing.num_tokens, routing.num_experts, routing.max_slots_per_token,
+                     routing.top_k or 0, block_m, many=True)
+    want = build_plan_torch(routing, block_m)
+    for f, g in zip(FIELDS, got):
+        assert_no_poison(g, f)
+        assert torch.equal(g, getattr(want, f)), f"{f} differs:\n{g}\nvs\n{getattr(want, f)}"
+    return shape
+
+
+MANY_TOPK = [
+    # (T, E, k, block_m)   edge covered
+    pytest.param(1, 13, 6, 16, id="T1-prime-E-one-chunk"),
+    pytest.param(700, 1, 1, 16, id="E1"),
+    pytest.param(300, 8, 2, 16, id="E8-many-chunks"),
+    pytest.param(257, 13, 3, 24, id="prime-E-block_m-24"),
+    pytest.param(129, 128, 8, 64, id="E128"),
+    pytest.param(40, 256, 8, 1, id="E256-block_m-1-empty-experts"),
+    pytest.param(33, 1024, 4, 16, id="E1024-mostly-empty"),
+]
+
+
+@pytest.mark.parametrize("t,e,k,bm", MANY_TOPK)
+def test_many_programs_topk(monkeypatch, t, e, k, bm):
+    shape = _compare_many(monkeypatch, R.softmax_topk(_logits(t, e), k), bm)
+    assert shape[0].programs >= (t * k) // 4096  # at least one program per chunk of slots
+
+
+@pytest.mark.parametrize("t,levels", [pytest.param(2000, 2, id="two-levels"), pytest.param(5000, 3, id="three")])
+def test_many_programs_scan_levels(monkeypatch, t, levels):
+    # NBK = S / CHUNK > SCAN_ROWS: several scan launches, whose level sums placement adds.
+    # SCAN_ROWS shrunk to 4 so that the interpreter reaches them on a small S.
+    real = TM.multi_config
+    monkeypatch.setattr(TM, "multi_config", lambda *a: dict(real(*a), SCAN_ROWS=4))
+    shape = _compare_many(monkeypatch, R.softmax_topk(_logits(t, 13), 1), 16)
+    assert sum(ln.kernel == "_plan_scan_fwd_kernel" for ln in shape) == levels
+
+
+def test_many_programs_all_to_one_expert_and_all_dropped(monkeypatch):
+    x = _logits(600, 13)
+    x[:, 5] += 30.0  # every slot to expert 5: one segment spanning every chunk
+    _compare_many(monkeypatch, R.softmax_topk(x, 1), 16)
+    ids = torch.full((300, 2), 13, device=DEVICE)  # every slot dropped: bucket E only
+    _compare_many(monkeypatch, Routing.from_topk(ids, torch.rand(300, 2, device=DEVICE), 13), 16)
+
+
+def test_many_programs_negative_ids_dropped(monkeypatch):
+    poison_empty(monkeypatch, TP)
+    t, e, k = 400, 7, 2
+    ids = torch.randint(-2, e + 2, (t, k), dtype=torch.int32, device=DEVICE)  # out-of-range ids both sides
+    se = ids.view(-1).contiguous()
+    tok = torch.arange(t, dtype=torch.int32, device=DEVICE).repeat_interleave(k)
+    for top_k in (k, 0):
+        got = TP._launch(se, tok, t, e, k, top_k, 16, many=True)
+        mapped = torch.where((se < 0) | (se > e), torch.full_like(se, e), se)
+        want = build_plan_torch(Routing(tok, mapped, torch.rand(t * k, device=DEVICE), t, e, k,
+                                        top_k=top_k or None), 16)
+        for f, g in zip(FIELDS, got):
+            assert_no_poison(g, f)
+            assert torch.equal(g, getattr(want, f)), f
+
+
+@pytest.mark.parametrize("t,e,cf", [
+    pytest.param(300, 8, 1.0, id="expert-choice"),
+    pytest.param(200, 13, 0.5, id="prime-E-tokens-without-slots"),
+])
+def test_many_programs_expert_choice(monkeypatch, t, e, cf):
+    _compare_many(monkeypatch, R.expert_choice(_logits(t, e), capacity_factor=cf), 16)
+
+
+def test_many_programs_unordered_layout(monkeypatch):
+    # slots in no order, some dropped, rows sorted after the atomic appends
+    s, t, e = 1500, 50, 6
+    tok = torch.randint(0, t, (s,), dtype=torch.int32, device=DEVICE)
+    exp = torch.randint(0, e + 1, (s,), dtype=torch.int32, device=DEVICE)
+    r = Routing(tok, exp, torch.rand(s, device=DEVICE), t, e, max_slots_per_token=64, top_k=None)
+    _compare_many(monkeypatch, r, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("s,e", [(65536, 8), (65536, 256), (8192, 1024)])
+def test_many_programs_large(monkeypatch, s, e):
+    # up to S = 2^16 slots through the public entry point (which picks many programs itself)
+    k = 8
+    r = R.softmax_topk(_logits(s // k, e), k)
+    assert TP.uses_many_programs(r.num_slots, e, k, k)
+    _compare(monkeypatch, r, 64)
+
+
+def test_launch_shape_grows_with_slots():
+    """The grid grows with S; no program's loop trip count does (static sizes only)."""
+    e, k, bm = 256, 8, 64
+    small = TP.launch_shape(8, e, 1, k, k, bm)
+    assert len(small) == 1 and small[0].grid == (1,)  # decode: one launch
+    shapes = {s: TP.launch_shape(s, e, s // k, k, k, bm) for s in (2**14, 2**17, 2**20, 2**24)}
+    big = shapes[2**17]
+    assert sum(ln.programs for ln in big) > 100
+    assert max(ln.programs for ln in big) > 100  # one launch alone fills 132 SMs
+    assert max(ln.trips for ln in big) == max(ln.trips for ln in shapes[2**14])
+    for s, shape in shapes.items():
+        assert max(ln.trips for ln in shape) <= 8, s  # loops only over expert tiles
+        hist = next(ln for ln in shape if ln.kernel == "_plan_hist_fwd_kernel")
+        assert hist.programs * 4096 >= s  # each program's one-hot tile is <= 4096 cells
+    hist_programs = [next(ln for ln in shapes[s] if ln.kernel == "_plan_hist_fwd_kernel").programs
+                     for s in sorted(shapes)]
+    assert hist_programs == sorted(hist_programs) and hist_programs[-1] > 1000 * hist_programs[0] // 1024
+    # the one-program kernel's trip count does grow with S: that is why the switch exists
+    one = [TP.launch_shape(s, e, s // k, k, k, bm, many=False)[0].trips for s in (2**10, 2**14)]
+    assert one[1] > one[0]
+    for e in (1, 13, 1024):  # E tiles: trip counts bounded by E, never by S
+        trips = {max(ln.trips for ln in TP.launch_shape(s, e, s, 1, 1, 16, many=True)) for s in (2**12, 2**22)}
+        assert len(trips) == 1

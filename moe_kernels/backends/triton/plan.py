@@ -1,6 +1,11 @@
-"""The dispatch plan in ONE Triton launch (``_plan_fwd_kernel``, a single program).
+"""The dispatch plan in Triton: one program at decode sizes, many at prefill sizes.
 
-Pipeline, all inside one program that loops over its inputs in chunks:
+Decode-sized plans (``S <= 4096`` slots and ``S * next_pow2(E) <= 2^19``, see
+:func:`uses_many_programs`) run ``_plan_fwd_kernel`` as ONE program (one launch, the
+latency target's shape); larger ones run the many-program pipeline of
+:mod:`.plan_multi` (histogram per chunk of slots, scans, placement from prefix sums,
+block map, token table: 5 to 10 launches, each spread over ``O(S / CHUNK)`` programs of
+fixed work). :func:`launch_shape` says which launches a size takes. The one program:
 
 1. count: a one-hot ``[BLOCK_S, E]`` tile per chunk of ``slot_expert``, summed →
    ``expert_counts``; exclusive prefix sums → ``expert_offsets`` and (counts rounded up
@@ -21,13 +26,13 @@ Pipeline, all inside one program that loops over its inputs in chunks:
    slots to their tokens' rows through a per-token cursor in a scratch buffer, with a
    block barrier between the cursor's reads and writes.
 
-Every output is allocated with ``torch.empty`` and every element is written by the
-kernel, so building a plan is exactly one kernel launch and no host synchronisation:
-all sizes come from ``S``, ``E``, ``T`` and ``block_m`` (see
-:func:`moe_kernels.plan.max_padded_rows`). One program is the right shape for the
-decode-sized plans the latency target is about; its cost grows as ``S * E`` element
-operations (one-hot tiles), which for a prefill-sized plan (S ~ 64K, E ~ 256) is tens of
-microseconds on one SM. No backward: the plan holds indices only.
+Every output is allocated with ``torch.empty`` and every element is written by a
+kernel, so building a plan needs no host synchronisation: all sizes come from ``S``,
+``E``, ``T`` and ``block_m`` (see :func:`moe_kernels.plan.max_padded_rows`), and the
+choice between the two shapes is made on them too. The one program's cost grows as
+``S * E`` one-hot element operations on one SM (about 2 ms at S = 65,536, E = 256 by
+instruction count), which is why prefill sizes take the many-program pipeline (cost in
+docs/PERFORMANCE.md). No backward: the plan holds indices only.
 
 Exposed as the ``torch.library`` custom op ``moe_kernels::dispatch_plan`` (a tuple of
 index tensors, fake implementation for ``torch.compile``); :func:`build_plan_triton`
@@ -45,8 +50,9 @@ from ...plan import DispatchPlan, max_padded_rows
 from ...routing import Routing
 from ...limits import TRITON
 from . import check_device, on_device
+from .plan_multi import launch_shape as multi_launch_shape, plan_multi
 
-__all__ = ["build_plan_triton"]
+__all__ = ["build_plan_triton", "launch_shape", "uses_many_programs"]
 
 # Allocation hook: tests replace it to pre-fill outputs with poison.
 _empty = torch.empty
@@ -178,7 +184,38 @@ def _config(num_experts: int, block_m: int) -> dict:
                 num_warps=4 if e_pow2 <= 256 else 8)
 
 
-def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_token, top_k, block_m):
+# One program is enough while its one-hot work (S * next_pow2(E) int32 elements) stays
+# below this; past it (or S above 4096) the many-program pipeline of plan_multi runs.
+SINGLE_PROGRAM_MAX_WORK = 1 << 19
+SINGLE_PROGRAM_MAX_SLOTS = 4096
+MULTI_MAX_K = 4096  # token rows are sorted as one [BLOCK_T, next_pow2(K)] tile
+
+
+def uses_many_programs(num_slots: int, num_experts: int, max_slots_per_token: int, top_k: int) -> bool:
+    """Whether a plan of these (static) sizes runs the many-program pipeline."""
+    if num_slots == 0 or (top_k == 0 and max_slots_per_token > MULTI_MAX_K):
+        return False
+    work = num_slots * max(16, triton.next_power_of_2(num_experts))
+    return num_slots > SINGLE_PROGRAM_MAX_SLOTS or work > SINGLE_PROGRAM_MAX_WORK
+
+
+def launch_shape(num_slots: int, num_experts: int, num_tokens: int, max_slots_per_token: int, top_k: int,
+                 block_m: int, many: bool | None = None) -> list:
+    """The launches a plan of these sizes takes (``plan_multi.Launch``: kernel, grid, the
+    most loop iterations of any program). One program at decode sizes, whose loops walk
+    all ``S`` slots; many programs past them, none of whose trip counts grows with ``S``."""
+    if many is None:
+        many = uses_many_programs(num_slots, num_experts, max_slots_per_token, top_k)
+    if many:
+        return multi_launch_shape(num_slots, num_experts, num_tokens, max_slots_per_token, top_k, block_m)
+    from .plan_multi import Launch
+
+    cfg = _config(num_experts, block_m)
+    trips = -(-num_slots // cfg["BLOCK_S"])
+    return [Launch("_plan_fwd_kernel", (1,), 2 * trips + -(-num_tokens * max_slots_per_token // cfg["BLOCK_S"]))]
+
+
+def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_token, top_k, block_m, many=None):
     s, e, t, k = slot_expert.shape[0], num_experts, num_tokens, max_slots_per_token
     dev = slot_expert.device
     p = max_padded_rows(s, e, block_m)
@@ -192,14 +229,20 @@ def _launch(slot_expert, slot_token, num_tokens, num_experts, max_slots_per_toke
     padded_slot = _empty((p,), dtype=i32, device=dev)
     block_expert = _empty((nb,), dtype=i32, device=dev)
     token_slots = _empty((t, k), dtype=i32, device=dev)
-    cursor = torch.empty((t,), dtype=i32, device=dev) if top_k == 0 else token_slots
+    outs = (counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert, token_slots)
+    if many is None:
+        many = uses_many_programs(s, e, k, top_k)
     with on_device(slot_expert):
+        if many and s > 0:
+            plan_multi(slot_expert, slot_token, outs, t, e, k, top_k, block_m)
+            return outs
+        cursor = torch.empty((t,), dtype=i32, device=dev) if top_k == 0 else token_slots
         _plan_fwd_kernel[(1,)](
             slot_expert, slot_token, counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert,
             token_slots, cursor, s, e, t, p, nb, k, top_k,
             BLOCK_M=block_m, TOKEN_MAJOR=top_k > 0, **_config(e, block_m),
         )
-    return counts, offsets, sorted_slot, position, poffs, padded_slot, block_expert, token_slots
+    return outs
 
 
 @torch.library.custom_op("moe_kernels::dispatch_plan", mutates_args=())
