@@ -21,7 +21,8 @@ class TorchBackend(Backend):
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
-    def block_m(self, params: ExpertParams, options: KernelOptions | None = None) -> int:
+    def block_m(self, params: ExpertParams, options: KernelOptions | None = None,
+                num_slots: int | None = None) -> int:
         # No kernel reads padded blocks here: with one-row blocks the padded order is
         # the sorted order, which the plan builds with no extra work.
         return 1
