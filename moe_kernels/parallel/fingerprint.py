@@ -120,7 +120,7 @@ def layer_fingerprint(config, dtype: torch.dtype, num_local_experts: int, traini
         jitter_eps=c.jitter_eps if c.router == "switch" else None, activation=c.activation,
         alpha=c.alpha if c.activation == "swiglu_oai" else None, limit=c.limit if c.activation == "swiglu_oai" else None,
         bias=c.bias, aux_loss_coef=c.aux_loss_coef, z_loss_coef=c.z_loss_coef,
-        training=training if c.router in ("noisy_topk", "switch") else None)
+        training=training if c.router == "noisy_topk" or (c.router == "switch" and c.jitter_eps) else None)
 
 
 def fingerprint_hash(fp: list[int]) -> int:
