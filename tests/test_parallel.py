@@ -589,6 +589,28 @@ def test_failing_rank_raises_everywhere():
     assert r0["seconds"] < FAIL_PG_TIMEOUT_S + 10
 
 
+def test_fingerprint_is_fixed_length_and_tells_configs_apart():
+    # No process group needed: the vector every rank sends. Same length for every config
+    # (so the exchange itself never disagrees in size); each MISMATCHES pair differs in
+    # exactly the named field; identical configs agree.
+    from moe_kernels import MoEConfig
+    from moe_kernels.parallel.fingerprint import FIELDS, layer_fingerprint
+
+    def fp(cfg, opts, rank):
+        kw = {k: _pick(v, rank) for k, v in cfg.items()}
+        kw.setdefault("hidden_size", H)
+        kw.setdefault("intermediate_size", I)
+        dtype = getattr(torch, _pick(opts.get("dtype", "float32"), rank))
+        return layer_fingerprint(MoEConfig(**kw), dtype, kw["num_experts"] // 2, True)
+
+    for field, cfg, opts in MISMATCHES:
+        a, b = fp(cfg, opts, 0), fp(cfg, opts, 1)
+        assert len(a) == len(b) == len(FIELDS)
+        differ = [n for n, x, y in zip(FIELDS, a, b) if x != y]
+        assert differ and differ[0] == field, (field, differ)
+        assert fp(cfg, opts, 0) == a
+
+
 def test_ranks_built_differently_raise_everywhere():
     # Each case of MISMATCHES: a ValueError naming the field on both ranks, well within the
     # process-group timeout; no rank aborts (the launcher sees exit code 0 on both).
