@@ -327,7 +327,9 @@ def _mismatch_suite(rank, world, outdir):
     res["first_forward_ok"] = _timed(lambda: layer(x))
     if rank == 1:
         layer.double()
+    had_aux = layer.aux_loss is not None
     res["dtype_changed_later"] = dict(_timed(lambda: layer(x.to(layer.w13.dtype))), field="dtype")
+    res["no_stale_aux_loss"] = had_aux and layer.aux_loss is None and layer.losses == {}
     # the functional API checks on every call
     g = torch.Generator().manual_seed(3)
     xf = torch.randn(4, H, generator=g)
@@ -631,6 +633,7 @@ def test_ranks_built_differently_raise_everywhere():
         assert res[rank]["first_forward_ok"]["raised"] is None, res[rank]["first_forward_ok"]
         assert res[rank]["deepcopy_after_forward"]["raised"] is None, res[rank]["deepcopy_after_forward"]
         assert res[rank]["deepcopy_state_empty"]
+        assert res[rank]["no_stale_aux_loss"], "the failed forward left the previous step's aux_loss readable"
         assert res[rank]["balance_bias_error"] <= 1e-12 and res[rank]["balance_bias_moved"] > 0
         _assert_case({rank: {"after": res[rank]["after_mismatches"]}}, "after")
 
