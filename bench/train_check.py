@@ -32,8 +32,9 @@ def train(backend: str, args) -> tuple[list[float], float]:
     g = torch.Generator().manual_seed(args.seed)
     centers = torch.randn(args.classes, args.hidden, generator=g)
     torch.manual_seed(args.seed)
+    topk = {"top_k": args.top_k} if args.router in ("softmax_topk", "grouped_sigmoid_topk", "noisy_topk") else {}
     layer = mk.MoE(hidden_size=args.hidden, intermediate_size=args.inter, num_experts=args.experts,
-                   top_k=args.top_k, router=args.router, backend=backend, aux_loss_coef=0.01).to(dev, dtype)
+                   router=args.router, backend=backend, aux_loss_coef=0.01, **topk).to(dev, dtype)
     head = torch.nn.Linear(args.hidden, args.classes).to(dev, dtype)
     opt = torch.optim.AdamW(list(layer.parameters()) + list(head.parameters()), lr=args.lr)
     losses, elapsed = [], 0.0

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .activations import Activation
 from .backends import get_backend
 from .options import KernelOptions
-from .params import ExpertParams, expert_params
+from .params import ExpertParams, check_inputs, expert_params
 from .primitives import zero_link
 from .routing import Routing
 
@@ -29,24 +29,6 @@ def empty_output(x: torch.Tensor, params: ExpertParams, routing: Routing | None 
     link = zero_link(x, params.w13, params.w2, params.b13, params.b2,
                      None if routing is None else routing.slot_weight)
     return out if link is None else out + link.to(out.dtype)
-
-
-def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
-    """Check ``x`` [T, H] against the expert weights and (optionally) the routing."""
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if routing is not None and not isinstance(routing, Routing):
-        raise ValueError(f"routing: expected a Routing (from a router of moe_kernels.routing, or Routing.from_topk "
-                         f"for [T, k] ids and weights), got {type(routing).__name__}")
-    check_same_dtype([("x", x), ("w13", params.w13)])
-    check_same_device([("x", x), ("w13", params.w13)])
-    if x.shape[1] != params.hidden_size:
-        raise ValueError(f"x: expected hidden size {params.hidden_size} (from w13), got shape {tuple(x.shape)}")
-    if routing is not None:
-        if routing.num_tokens != x.shape[0]:
-            raise ValueError(f"routing: expected num_tokens = {x.shape[0]} (rows of x), got {routing.num_tokens}")
-        if routing.num_experts != params.num_experts:
-            raise ValueError(f"routing: expected num_experts = {params.num_experts} (from w13), got {routing.num_experts}")
-        check_same_device([("x", x), ("routing.slot_token", routing.slot_token)])
 
 
 def fused_experts(

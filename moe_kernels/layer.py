@@ -107,11 +107,12 @@ _CAPACITY_ROUTERS = ("switch", "expert_choice")
 class MoEConfig:
     """Everything that defines a MoE layer.
 
-    Router options: ``top_k`` (top-k routers; default 2; Switch takes only 1), ``renormalize`` (softmax top-k and
-    grouped sigmoid), ``n_group``, ``topk_group``, ``routed_scaling_factor`` and the
-    per-expert selection bias buffer (grouped sigmoid), ``capacity_factor`` (Switch:
-    default 1.0, ``None`` drops nothing; Expert Choice: default 1.0), ``jitter_eps`` (Switch: multiplies the
-    router input by U(1-eps, 1+eps) while training), ``noise`` (noisy top-k).
+    Router options: ``top_k`` (top-k routers, default 2; Switch takes only 1),
+    ``renormalize`` (softmax top-k and grouped sigmoid), ``n_group``, ``topk_group``,
+    ``routed_scaling_factor`` and the per-expert selection bias buffer (grouped sigmoid),
+    ``capacity_factor`` (Switch: default 1.0, ``None`` drops nothing; Expert Choice:
+    default 1.0), ``jitter_eps`` (Switch: multiplies the router input by U(1-eps, 1+eps)
+    while training), ``noise`` (noisy top-k).
 
     Loss coefficients: ``aux_loss_coef`` weighs the router's balancing losses
     (``load_balancing``; ``importance`` and ``load`` for noisy top-k), ``z_loss_coef``

@@ -15,8 +15,9 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from .activations import Activation
+from .routing import Routing
 
-__all__ = ["ExpertParams", "expert_params"]
+__all__ = ["ExpertParams", "expert_params", "check_inputs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,3 +109,21 @@ def expert_params(
         if tuple(b2.shape) != (e, h):
             raise ValueError(f"b2: expected shape ({e}, {h}), got {tuple(b2.shape)}")
     return ExpertParams(w13, w2, b13, b2, act, interleaved)
+
+
+def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
+    """Check ``x`` [T, H] against the expert weights and (optionally) the routing."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if routing is not None and not isinstance(routing, Routing):
+        raise ValueError(f"routing: expected a Routing (from a router of moe_kernels.routing, or Routing.from_topk "
+                         f"for [T, k] ids and weights), got {type(routing).__name__}")
+    check_same_dtype([("x", x), ("w13", params.w13)])
+    check_same_device([("x", x), ("w13", params.w13)])
+    if x.shape[1] != params.hidden_size:
+        raise ValueError(f"x: expected hidden size {params.hidden_size} (from w13), got shape {tuple(x.shape)}")
+    if routing is not None:
+        if routing.num_tokens != x.shape[0]:
+            raise ValueError(f"routing: expected num_tokens = {x.shape[0]} (rows of x), got {routing.num_tokens}")
+        if routing.num_experts != params.num_experts:
+            raise ValueError(f"routing: expected num_experts = {params.num_experts} (from w13), got {routing.num_experts}")
+        check_same_device([("x", x), ("routing.slot_token", routing.slot_token)])

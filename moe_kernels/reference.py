@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from .activations import apply_activation
-from .functional import check_inputs
-from .params import ExpertParams
+from .params import ExpertParams, check_inputs
 from .routing import Routing
 
 __all__ = ["moe_reference"]

@@ -327,7 +327,9 @@ def _mismatch_suite(rank, world, outdir):
     res["first_forward_ok"] = _timed(lambda: layer(x))
     if rank == 1:
         layer.double()
+    had_aux = layer.aux_loss is not None
     res["dtype_changed_later"] = dict(_timed(lambda: layer(x.to(layer.w13.dtype))), field="dtype")
+    res["no_stale_aux_loss"] = had_aux and layer.aux_loss is None and layer.losses == {}
     # the functional API checks on every call
     g = torch.Generator().manual_seed(3)
     xf = torch.randn(4, H, generator=g)
@@ -589,6 +591,28 @@ def test_failing_rank_raises_everywhere():
     assert r0["seconds"] < FAIL_PG_TIMEOUT_S + 10
 
 
+def test_fingerprint_is_fixed_length_and_tells_configs_apart():
+    # No process group needed: the vector every rank sends. Same length for every config
+    # (so the exchange itself never disagrees in size); each MISMATCHES pair differs in
+    # exactly the named field; identical configs agree.
+    from moe_kernels import MoEConfig
+    from moe_kernels.parallel.fingerprint import FIELDS, layer_fingerprint
+
+    def fp(cfg, opts, rank):
+        kw = {k: _pick(v, rank) for k, v in cfg.items()}
+        kw.setdefault("hidden_size", H)
+        kw.setdefault("intermediate_size", I)
+        dtype = getattr(torch, _pick(opts.get("dtype", "float32"), rank))
+        return layer_fingerprint(MoEConfig(**kw), dtype, kw["num_experts"] // 2, True)
+
+    for field, cfg, opts in MISMATCHES:
+        a, b = fp(cfg, opts, 0), fp(cfg, opts, 1)
+        assert len(a) == len(b) == len(FIELDS)
+        differ = [n for n, x, y in zip(FIELDS, a, b) if x != y]
+        assert differ and differ[0] == field, (field, differ)
+        assert fp(cfg, opts, 0) == a
+
+
 def test_ranks_built_differently_raise_everywhere():
     # Each case of MISMATCHES: a ValueError naming the field on both ranks, well within the
     # process-group timeout; no rank aborts (the launcher sees exit code 0 on both).
@@ -609,6 +633,7 @@ def test_ranks_built_differently_raise_everywhere():
         assert res[rank]["first_forward_ok"]["raised"] is None, res[rank]["first_forward_ok"]
         assert res[rank]["deepcopy_after_forward"]["raised"] is None, res[rank]["deepcopy_after_forward"]
         assert res[rank]["deepcopy_state_empty"]
+        assert res[rank]["no_stale_aux_loss"], "the failed forward left the previous step's aux_loss readable"
         assert res[rank]["balance_bias_error"] <= 1e-12 and res[rank]["balance_bias_moved"] > 0
         _assert_case({rank: {"after": res[rank]["after_mismatches"]}}, "after")
 

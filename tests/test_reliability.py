@@ -343,3 +343,24 @@ def test_update_selection_bias_moves_toward_balance():
     with pytest.raises(ValueError, match=rf"^load: expected shape \({E},\)"):
         update_selection_bias(layer, rate=0.01, load=torch.ones(E + 1))
     assert math.isfinite(float(layer.selection_bias.abs().max()))
+
+
+def test_per_step_state_is_written_under_torch_compile():
+    # The StepState writes (losses, aux_loss, last_expert_load) are side effects Dynamo
+    # must replay: fullgraph, and the values equal the eager forward's. bf16: the CPU
+    # torch._grouped_mm traces in bf16 (float32: issue 15, see test_hf_compile.py).
+    torch.manual_seed(0)
+    layer = MoE(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2, z_loss_coef=0.1,
+                backend="torch").to(torch.bfloat16)
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    try:
+        y = compiled(x)
+        aux, load, keys = layer.aux_loss, layer.last_expert_load, set(layer.losses)
+        layer.aux_loss = None
+        y_eager = layer(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(y, y_eager)
+    assert keys == {"load_balancing", "z_loss"} and torch.equal(aux, layer.aux_loss)
+    assert torch.equal(load, layer.last_expert_load) and int(load.sum()) == 12

@@ -44,6 +44,7 @@ _ROUTERS = tuple(ROUTERS)
 _DTYPES = tuple(FLOAT_DTYPES)
 # Fields whose int is a code: decoded for the error message.
 _CODES = {"router": _ROUTERS, "activation": ACTIVATIONS, "dtype": tuple(str(d).replace("torch.", "") for d in _DTYPES)}
+_BOOLS = ("renormalize", "selection_bias", "interleaved", "bias", "z_loss", "training")
 _FLOATS = ("routed_scaling_factor", "capacity_factor", "jitter_eps", "noise_epsilon", "alpha", "limit",
            "aux_loss_coef", "z_loss_coef")
 
@@ -82,6 +83,8 @@ def _decode(name: str, v: int):
         return _CODES[name][v]
     if name in _FLOATS:
         return struct.unpack("<d", struct.pack("<q", v))[0]
+    if name in _BOOLS and v in (0, 1):
+        return bool(v)
     return v
 
 
@@ -120,7 +123,7 @@ def layer_fingerprint(config, dtype: torch.dtype, num_local_experts: int, traini
         jitter_eps=c.jitter_eps if c.router == "switch" else None, activation=c.activation,
         alpha=c.alpha if c.activation == "swiglu_oai" else None, limit=c.limit if c.activation == "swiglu_oai" else None,
         bias=c.bias, aux_loss_coef=c.aux_loss_coef, z_loss_coef=c.z_loss_coef,
-        training=training if c.router in ("noisy_topk", "switch") else None)
+        training=training if c.router == "noisy_topk" or (c.router == "switch" and c.jitter_eps) else None)
 
 
 def fingerprint_hash(fp: list[int]) -> int:

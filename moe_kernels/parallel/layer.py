@@ -20,8 +20,9 @@ Forward on rank ``r`` with its batch ``x_r`` [T_r, H]:
    Switch and Expert Choice exchange what their *global* capacity needs (below);
 2. count exchange: one ``all_to_all_single`` of an [R, E_local + 4] int64 table per
    rank (rows sent to each expert of each rank, ``T_r``, a failure flag, the
-   ``num_global_tokens`` hint, a hash of the layer's configuration fingerprint), then **the host sync** that every variable-split
-   all-to-all needs (``.tolist()`` of the counts);
+   ``num_global_tokens`` hint, a hash of the layer's configuration fingerprint), then
+   **the host sync** that every variable-split all-to-all needs (``.tolist()`` of the
+   counts);
 3. send each valid slot's input row to the rank owning its expert (``all_to_all_single``
    with those splits), sorted by expert, so a receiver gets, per source rank, rows
    grouped by its local experts;
@@ -110,12 +111,12 @@ from .routing import LocalRouting, raise_if_failed, route_local
 from ..plan import build_plan_torch
 from ..routing import ROUTER_ALIASES, Routing, router_jitter, weighted_aux_loss
 
+__all__ = ["ExpertParallelMoE", "expert_parallel_experts", "expert_parallel_moe", "local_expert_range"]
+
 
 def router_name_of(router) -> str:
     """The canonical name of ``router`` when it is one (unknown names raise later, alike on every rank)."""
     return ROUTER_ALIASES.get(router, router) if isinstance(router, str) else router
-
-__all__ = ["ExpertParallelMoE", "expert_parallel_experts", "expert_parallel_moe", "local_expert_range"]
 
 
 def local_expert_range(num_experts: int, group=None) -> tuple[int, int]:

@@ -43,10 +43,10 @@ class TritonBackend(Backend):
         return unavailable_reason(device)
 
     def route(self, logits: torch.Tensor, router: str, options: dict) -> Routing:
-        warn_if_bf16_interpreted(logits)
         args = fused_topk_args(router, options)
         if (args is not None and logits.dim() == 2 and logits.shape[0] > 0 and logits.dtype in _FUSED_DTYPES
                 and TRITON.fuses_routing(logits.shape[1], args.top_k)):
+            warn_if_bf16_interpreted(logits)
             return route_fused(logits, args)
         return route(logits, router, **options)
 
