@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "plan_shape.h"
 #include "runtime.h"
 
 #ifndef MOE_KERNELS_ARCHS
@@ -94,9 +95,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_plan", &moe_ext::build_plan, nogil, py::arg("slot_expert"), py::arg("slot_token"),
         py::arg("expert_counts"), py::arg("expert_offsets"), py::arg("sorted_slot"), py::arg("slot_position"),
         py::arg("padded_offsets"), py::arg("padded_slot"), py::arg("block_expert"), py::arg("token_slots"),
-        py::arg("token_fill"), py::arg("num_slots"), py::arg("num_experts"), py::arg("num_tokens"),
+        py::arg("token_fill"), py::arg("scratch"), py::arg("scratch_words"), py::arg("num_slots"), py::arg("num_experts"), py::arg("num_tokens"),
         py::arg("max_slots_per_token"), py::arg("top_k"), py::arg("block_m"), py::arg("num_padded_rows"),
-        py::arg("device"), py::arg("stream"), "The DispatchPlan index tensors in one launch (top_k 0: not token-major).");
+        py::arg("device"), py::arg("stream"), "The DispatchPlan index tensors (top_k 0: not token-major); one CTA at decode sizes, many past them.");
   m.def("permute_rows", &moe_ext::permute_rows, nogil, py::arg("x"), py::arg("slot_token"), py::arg("row_slot"),
         py::arg("out"), py::arg("num_rows"), py::arg("hidden"), py::arg("elem_size"), py::arg("device"),
         py::arg("stream"), "out[r] = x[slot_token[row_slot[r]]], zero where row_slot[r] < 0.");
@@ -104,6 +105,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("token_slots"), py::arg("weights"), py::arg("out"), py::arg("num_tokens"), py::arg("max_slots"),
         py::arg("hidden"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
         "out[t] = sum_j w[s] * y[slot_row[s]] over s = token_slots[t, j] >= 0, fp32 accumulation, fixed order.");
+  m.def("plan_scratch_words", &moe_ext::plan_scratch_words, py::arg("num_slots"), py::arg("num_experts"),
+        "int32 words of scratch build_plan needs for these sizes.");
   m.def("max_padded_rows", &moe_ext::max_padded_rows, py::arg("num_slots"), py::arg("num_experts"),
         py::arg("block_m"));
   m.def("build_info", &build_info, "CUDA version, real archs, PTX archs and device compiler of this build.");
@@ -115,4 +118,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ROUTE_MAX_EXPERTS") = moe_ext::kRouteMaxExperts;
   m.attr("ROUTE_MAX_TOP_K") = moe_ext::kRouteMaxTopK;
   m.attr("PLAN_MAX_EXPERTS") = moe_ext::kPlanMaxExperts;
+  m.attr("PLAN_SINGLE_MAX_SLOTS") = moe_plan::kPlanSingleMaxSlots;
+  m.attr("PLAN_CHUNK") = moe_plan::kPlanChunk;
+  m.attr("PLAN_SCAN_ROWS") = moe_plan::kPlanScanRows;
 }
