@@ -99,12 +99,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_slots_per_token"), py::arg("top_k"), py::arg("block_m"), py::arg("num_padded_rows"),
         py::arg("device"), py::arg("stream"), "The DispatchPlan index tensors (top_k 0: not token-major); one CTA at decode sizes, many past them.");
   m.def("permute_rows", &moe_ext::permute_rows, nogil, py::arg("x"), py::arg("slot_token"), py::arg("row_slot"),
-        py::arg("out"), py::arg("num_rows"), py::arg("hidden"), py::arg("elem_size"), py::arg("device"),
-        py::arg("stream"), "out[r] = x[slot_token[row_slot[r]]], zero where row_slot[r] < 0.");
+        py::arg("out"), py::arg("num_rows"), py::arg("hidden"), py::arg("elem_size"), py::arg("num_slots"),
+        py::arg("x_rows"), py::arg("bad"), py::arg("device"), py::arg("stream"),
+        "out[r] = x[slot_token[row_slot[r]]], zero where row_slot[r] < 0 (or out of range: then *bad = 1).");
   m.def("unpermute_rows", &moe_ext::unpermute_rows, nogil, py::arg("y"), py::arg("slot_row"),
         py::arg("token_slots"), py::arg("weights"), py::arg("out"), py::arg("num_tokens"), py::arg("max_slots"),
-        py::arg("hidden"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-        "out[t] = sum_j w[s] * y[slot_row[s]] over s = token_slots[t, j] >= 0, fp32 accumulation, fixed order.");
+        py::arg("hidden"), py::arg("dtype"), py::arg("num_slots"), py::arg("y_rows"), py::arg("bad"),
+        py::arg("device"), py::arg("stream"),
+        "out[t] = sum_j w[s] * y[slot_row[s]] over s = token_slots[t, j] >= 0, fp32 accumulation, fixed order; "
+        "out-of-range cells are skipped and set *bad = 1.");
   m.def("plan_scratch_words", &moe_ext::plan_scratch_words, py::arg("num_slots"), py::arg("num_experts"),
         "int32 words of scratch build_plan needs for these sizes.");
   m.def("max_padded_rows", &moe_ext::max_padded_rows, py::arg("num_slots"), py::arg("num_experts"),

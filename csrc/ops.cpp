@@ -243,7 +243,12 @@ void route_grouped_sigmoid_topk(ptr_t logits, ptr_t bias, ptr_t ids, ptr_t weigh
   int a_renorm = renormalize ? 1 : 0;
   void* args[] = {&a_logits, &a_bias, &a_ids, &a_weights, &a_counts, &a_t, &a_e,
                   &a_k,      &a_ng,   &a_tg,  &a_scale,   &a_renorm};
-  launch(op, Image::kRouting, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), 0, stream, args);
+  // routing.cu's grouped kernel: per warp, E scores + one pad per 32, then n_group
+  // group scores and flags; nothing when there is one group.
+  const std::size_t smem =
+      n_group > 1 ? sizeof(float) * kWarpsPerCta * static_cast<std::size_t>(num_experts + num_experts / 32 + 1 + 2 * n_group)
+                  : 0;
+  launch(op, Image::kRouting, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), smem, stream, args);
 }
 
 void build_plan(ptr_t slot_expert, ptr_t slot_token, ptr_t expert_counts, ptr_t expert_offsets, ptr_t sorted_slot,
@@ -318,8 +323,10 @@ std::int64_t plan_scratch_words(std::int64_t num_slots, std::int64_t num_experts
 }
 
 void permute_rows(ptr_t x, ptr_t slot_token, ptr_t row_slot, ptr_t out, std::int64_t num_rows, std::int64_t hidden,
-                  int elem_size, int device, ptr_t stream) {
+                  int elem_size, std::int64_t num_slots, std::int64_t x_rows, ptr_t bad, int device, ptr_t stream) {
   const char* op = "permute_rows";
+  check_range(op, "num_slots", num_slots, 0, kInt32Max);
+  check_range(op, "x_rows", x_rows, 0, std::numeric_limits<std::int64_t>::max());
   if (elem_size != 2 && elem_size != 4) {
     arg_error(op, "elem_size: expected 2 or 4 bytes, got " + std::to_string(elem_size));
   }
@@ -338,15 +345,20 @@ void permute_rows(ptr_t x, ptr_t slot_token, ptr_t row_slot, ptr_t out, std::int
   void* a_tok = reinterpret_cast<void*>(slot_token);
   void* a_row = reinterpret_cast<void*>(row_slot);
   void* a_out = reinterpret_cast<void*>(out);
-  long long a_rows = num_rows, a_nvec = vec ? row_bytes / 16 : hidden;
-  void* args[] = {&a_x, &a_tok, &a_row, &a_out, &a_rows, &a_nvec};
+  long long a_rows = num_rows, a_nvec = vec ? row_bytes / 16 : hidden, a_xrows = x_rows;
+  int a_s = static_cast<int>(num_slots);
+  void* a_bad = reinterpret_cast<void*>(bad);
+  void* args[] = {&a_x, &a_tok, &a_row, &a_out, &a_rows, &a_nvec, &a_s, &a_xrows, &a_bad};
   DeviceGuard guard(op, device);
   launch(op, Image::kPermute, name, dim3(warp_rows_grid(num_rows)), dim3(kWarpsPerCta * 32), 0, stream, args);
 }
 
 void unpermute_rows(ptr_t y, ptr_t slot_row, ptr_t token_slots, ptr_t weights, ptr_t out, std::int64_t num_tokens,
-                    std::int64_t max_slots, std::int64_t hidden, int dtype, int device, ptr_t stream) {
+                    std::int64_t max_slots, std::int64_t hidden, int dtype, std::int64_t num_slots,
+                    std::int64_t y_rows, ptr_t bad, int device, ptr_t stream) {
   const char* op = "unpermute_rows";
+  check_range(op, "num_slots", num_slots, 0, kInt32Max);
+  check_range(op, "y_rows", y_rows, 0, std::numeric_limits<std::int64_t>::max());
   const char* tname = dtype_name(op, dtype);
   check_range(op, "num_tokens", num_tokens, 0, kInt32Max);
   check_range(op, "max_slots", max_slots, 1, kInt32Max);
@@ -365,9 +377,10 @@ void unpermute_rows(ptr_t y, ptr_t slot_row, ptr_t token_slots, ptr_t weights, p
   void* a_ts = reinterpret_cast<void*>(token_slots);
   void* a_w = reinterpret_cast<void*>(weights);
   void* a_out = reinterpret_cast<void*>(out);
-  long long a_t = num_tokens, a_h = hidden;
-  int a_k = static_cast<int>(max_slots);
-  void* args[] = {&a_y, &a_row, &a_ts, &a_w, &a_out, &a_t, &a_k, &a_h};
+  long long a_t = num_tokens, a_h = hidden, a_yrows = y_rows;
+  int a_k = static_cast<int>(max_slots), a_s = static_cast<int>(num_slots);
+  void* a_bad = reinterpret_cast<void*>(bad);
+  void* args[] = {&a_y, &a_row, &a_ts, &a_w, &a_out, &a_t, &a_k, &a_h, &a_s, &a_yrows, &a_bad};
   DeviceGuard guard(op, device);
   launch(op, Image::kPermute, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), 0, stream, args);
 }

@@ -68,8 +68,8 @@ def test_a_call_without_a_gpu_raises_a_clear_runtime_error():
         "route_grouped_sigmoid_topk": lambda: c.route_grouped_sigmoid_topk(16, 0, 16, 16, 16, 4, 8, 2, 1, 1, 1.0,
                                                                            True, 0, 0, 0),
         "build_plan": lambda: c.build_plan(*([16] * 12), 0, 8, 4, 8, 1, 1, 2, c.max_padded_rows(8, 4, 2), 0, 0),
-        "permute_rows": lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0),
-        "unpermute_rows": lambda: c.unpermute_rows(16, 0, 16, 16, 16, 4, 2, 8, 1, 0, 0),
+        "permute_rows": lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 4, 4, 16, 0, 0),
+        "unpermute_rows": lambda: c.unpermute_rows(16, 0, 16, 16, 16, 4, 2, 8, 1, 8, 8, 16, 0, 0),
     }
     for op, call in calls.items():
         with pytest.raises(RuntimeError, match=rf"moe_kernels\._C\.{op}: .*CUDA"):
@@ -86,7 +86,7 @@ def test_the_no_gpu_error_names_its_cause():
     if not hasattr(c, "load_images"):
         pytest.skip("moe_kernels._C predates csrc/ (no load_images): rebuild it (pip install -e .)")
     want = "no NVIDIA driver is installed" if c.driver_version() == 0 else "no usable CUDA device"
-    for call in (lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0), lambda: c.load_images(0),
+    for call in (lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 4, 4, 16, 0, 0), lambda: c.load_images(0),
                  lambda: cb.load_kernels(0), lambda: cb.load_kernels()):
         with pytest.raises(RuntimeError, match=want):
             call()
@@ -106,9 +106,9 @@ def test_raw_module_rejects_bad_arguments_before_any_cuda_call():
     with pytest.raises(ValueError, match=r"build_plan: scratch_words"):
         c.build_plan(*([16] * 12), 10, big, 4, big, 1, 1, 2, c.max_padded_rows(big, 4, 2), 0, 0)
     with pytest.raises(ValueError, match=r"permute_rows: elem_size"):
-        c.permute_rows(16, 16, 16, 16, 4, 8, 8, 0, 0)
+        c.permute_rows(16, 16, 16, 16, 4, 8, 8, 4, 4, 16, 0, 0)
     with pytest.raises(ValueError, match=r"unpermute_rows: token_slots"):
-        c.unpermute_rows(16, 0, 0, 16, 16, 4, 2, 8, 1, 0, 0)
+        c.unpermute_rows(16, 0, 0, 16, 16, 4, 2, 8, 1, 8, 8, 16, 0, 0)
     assert c.max_padded_rows(8, 4, 2) == 12
 
 
