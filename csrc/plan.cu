@@ -1,9 +1,10 @@
-// The dispatch plan in one launch: per-expert histogram, exclusive scans, and the
-// stable scatter of slots into expert order (plain and padded to BLOCK_M), the
-// block->expert map and the token->slots table. Output is bit-identical to
-// moe_kernels.plan.build_plan_torch (fields documented on DispatchPlan).
+// The dispatch plan: per-expert histogram, exclusive scans, and the stable scatter of
+// slots into expert order (plain and padded to BLOCK_M), the block->expert map and the
+// token->slots table. Output is bit-identical to moe_kernels.plan.build_plan_torch
+// (fields documented on DispatchPlan). Two shapes, picked by the host from S: one CTA
+// for decode sizes (below), many CTAs past kPlanSingleMaxSlots (second half of the file).
 //
-// Pipeline (one CTA of NW warps, NW chosen by the host so the shared memory fits in
+// One-CTA pipeline (one CTA of NW warps, NW chosen by the host so the shared memory fits in
 // 48 KB: NW * (E+1) per-warp counters plus two (E+1) scans; E <= 4000):
 //   0. fill: padded_slot = -1; token_slots (token-major routings: slot ids or -1;
 //      otherwise -1 and the per-token fill counters zeroed);
@@ -115,15 +116,13 @@ extern "C" __global__ void __launch_bounds__(1024) _plan_build_fwd_kernel(
   for (int i = tid; i < nwarps * nb; i += nthreads) wcnt[i] = 0;
   for (int i = tid; i < num_padded_rows; i += nthreads) padded_slot[i] = -1;
   if (top_k > 0) {
-    for (long long i = tid; i < table; i += nthreads) {
-      const long long t = i / max_slots_per_token;
-      const int j = (int)(i - t * max_slots_per_token);
-      int v = -1;
-      if (j < top_k) {
-        const long long s = t * top_k + j;
-        if (plan_bucket(slot_expert[s], num_experts) < num_experts) v = (int)s;
+    // A thread per token row (no 64-bit divide per cell): S = T * top_k < 2^31.
+    for (int t = tid; t < num_tokens; t += nthreads) {
+      int* row = token_slots + (long long)t * max_slots_per_token;
+      const int s0 = t * top_k;
+      for (int j = 0; j < max_slots_per_token; ++j) {
+        row[j] = (j < top_k && plan_bucket(slot_expert[s0 + j], num_experts) < num_experts) ? s0 + j : -1;
       }
-      token_slots[i] = v;
     }
   } else {
     for (long long i = tid; i < table; i += nthreads) token_slots[i] = -1;
