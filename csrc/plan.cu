@@ -351,8 +351,9 @@ extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_bl
     int* __restrict__ padded_slot,           // [P] out: -1 in padding rows
     int* __restrict__ block_expert,          // [P / block_m] out
     int num_experts, int num_padded_rows, int block_m) {
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= num_padded_rows) return;
+  const long long rr = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // no int wrap near P = 2^31
+  if (rr >= num_padded_rows) return;
+  const int r = (int)rr;
   // searchsorted(padded_offsets[1:], r, right=True)
   int a = 0, z = num_experts;
   while (a < z) {
@@ -374,8 +375,9 @@ extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_to
     int* __restrict__ token_slots,        // [T, K] out
     int num_experts, int num_tokens, int max_slots_per_token, int top_k) {
   using namespace moe;
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= num_tokens) return;
+  const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (tt >= num_tokens) return;
+  const int t = (int)tt;
   int* row = token_slots + (long long)t * max_slots_per_token;
   const int s0 = t * top_k;  // < S < 2^31
   for (int j = 0; j < max_slots_per_token; ++j) {
@@ -387,8 +389,9 @@ extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_to
     int* __restrict__ token_slots,  // [T, K] out: -1
     int* __restrict__ token_fill,   // [T] out: 0
     int num_tokens, int max_slots_per_token) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= num_tokens) return;
+  const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (tt >= num_tokens) return;
+  const int t = (int)tt;
   int* row = token_slots + (long long)t * max_slots_per_token;
   for (int j = 0; j < max_slots_per_token; ++j) row[j] = -1;
   token_fill[t] = 0;
@@ -401,8 +404,10 @@ extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_to
     int* __restrict__ token_fill,         // [T] scratch cursors
     int num_slots, int num_experts, int num_tokens, int max_slots_per_token) {
   using namespace moe;
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s >= num_slots || plan_bucket(slot_expert[s], num_experts) >= num_experts) return;
+  const long long ss = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (ss >= num_slots) return;
+  const int s = (int)ss;
+  if (plan_bucket(slot_expert[s], num_experts) >= num_experts) return;
   const int t = slot_token[s];
   if (t < 0 || t >= num_tokens) return;
   const int c = atomicAdd(token_fill + t, 1);
@@ -413,8 +418,9 @@ extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_to
     int* __restrict__ token_slots,       // [T, K] in/out: each row's slots ascending
     const int* __restrict__ token_fill,  // [T]
     int num_tokens, int max_slots_per_token) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= num_tokens) return;
+  const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (tt >= num_tokens) return;
+  const int t = (int)tt;
   int* row = token_slots + (long long)t * max_slots_per_token;
   const int n = min(token_fill[t], max_slots_per_token);
   for (int a = 1; a < n; ++a) {

@@ -28,6 +28,7 @@ struct LoadedImage {
   cudaLibrary_t library = nullptr;  // never unloaded: it lives as long as the process
   std::unordered_map<std::string, cudaKernel_t> kernels;
   std::set<std::pair<int, std::string>> resident;  // (device, kernel) loaded into that device's context
+  std::set<int> all_resident;                      // devices where load_images made every kernel resident
 };
 
 LoadedImage g_loaded[kNumImages];
@@ -119,8 +120,12 @@ std::string capture_refusal(const char* op, const std::string& what) {
 }
 
 // Load `kernel` into the current device's context (call with loaded.mutex held).
+bool is_resident(const LoadedImage& loaded, int device, const std::string& name) {
+  return loaded.all_resident.count(device) != 0 || loaded.resident.count({device, name}) != 0;
+}
+
 void make_resident(const char* op, LoadedImage& loaded, int device, const std::string& name, cudaKernel_t kernel) {
-  if (loaded.resident.count({device, name}) != 0) return;
+  if (is_resident(loaded, device, name)) return;
   cudaFuncAttributes attr;
   check_cuda(op, ("loading kernel " + name).c_str(), cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
   loaded.resident.insert({device, name});
@@ -131,7 +136,7 @@ cudaKernel_t get_kernel(const char* op, Image image, const char* name, std::uint
   std::lock_guard<std::mutex> lock(loaded.mutex);
   int device = 0;
   check_cuda(op, "cudaGetDevice", cudaGetDevice(&device));
-  if (loaded.library == nullptr || loaded.resident.count({device, name}) == 0) {
+  if (loaded.library == nullptr || !is_resident(loaded, device, name)) {
     // Loading during capture is an unsafe call: it would fail and invalidate the
     // user's capture with an error that does not say why, so refuse it up front.
     if (capturing(stream)) {
@@ -226,12 +231,11 @@ void load_images(const char* op) {
     if (count > 0) {
       check_cuda(op, "cudaLibraryEnumerateKernels", cudaLibraryEnumerateKernels(kernels.data(), count, loaded.library));
     }
-    for (cudaKernel_t kernel : kernels) {
-      const char* name = nullptr;
-      check_cuda(op, "cudaFuncGetName", cudaFuncGetName(&name, reinterpret_cast<const void*>(kernel)));
-      loaded.kernels.emplace(name, kernel);
-      make_resident(op, loaded, device, name, kernel);
+    for (cudaKernel_t kernel : kernels) {  // cudaFuncGetAttributes loads it into this device's context
+      cudaFuncAttributes attr;
+      check_cuda(op, "loading every kernel", cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
     }
+    loaded.all_resident.insert(device);
   }
 }
 
