@@ -245,9 +245,8 @@ void route_grouped_sigmoid_topk(ptr_t logits, ptr_t bias, ptr_t ids, ptr_t weigh
                   &a_k,      &a_ng,   &a_tg,  &a_scale,   &a_renorm};
   // routing.cu's grouped kernel: per warp, E scores + one pad per 32, then n_group
   // group scores and flags; nothing when there is one group.
-  const std::size_t smem =
-      n_group > 1 ? sizeof(float) * kWarpsPerCta * static_cast<std::size_t>(num_experts + num_experts / 32 + 1 + 2 * n_group)
-                  : 0;
+  const std::size_t words = static_cast<std::size_t>(num_experts + num_experts / 32 + 1 + 2 * n_group);
+  const std::size_t smem = n_group > 1 ? sizeof(float) * kWarpsPerCta * words : 0;
   launch(op, Image::kRouting, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), smem, stream, args);
 }
 

@@ -38,7 +38,8 @@ __device__ __forceinline__ void permute_rows(const V* __restrict__ x, const int*
   const int s = row_slot[r];
   V* dst = out + r * nvec;
   const int tok = (s >= 0 && (unsigned)s < (unsigned)num_slots) ? slot_token[s] : -1;
-  const bool out_of_range = s >= num_slots || (s >= 0 && (unsigned long long)(long long)tok >= (unsigned long long)x_rows);
+  const bool out_of_range =
+      s >= num_slots || (s >= 0 && (unsigned long long)(long long)tok >= (unsigned long long)x_rows);
   if (s < 0 || out_of_range) {
     if (out_of_range && lane == 0 && bad != nullptr) *bad = 1;
     const V zero{};

@@ -127,7 +127,8 @@ bool is_resident(const LoadedImage& loaded, int device, const std::string& name)
 void make_resident(const char* op, LoadedImage& loaded, int device, const std::string& name, cudaKernel_t kernel) {
   if (is_resident(loaded, device, name)) return;
   cudaFuncAttributes attr;
-  check_cuda(op, ("loading kernel " + name).c_str(), cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
+  check_cuda(op, ("loading kernel " + name).c_str(),
+             cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
   loaded.resident.insert({device, name});
 }
 
@@ -140,9 +141,10 @@ cudaKernel_t get_kernel(const char* op, Image image, const char* name, std::uint
     // Loading during capture is an unsafe call: it would fail and invalidate the
     // user's capture with an error that does not say why, so refuse it up front.
     if (capturing(stream)) {
-      throw std::runtime_error(capture_refusal(
-          op, loaded.library == nullptr ? std::string("the device image '") + image_blob(image).name + "'"
-                                        : std::string("kernel ") + name + " (on device " + std::to_string(device) + ")"));
+      const std::string what = loaded.library == nullptr
+                                   ? std::string("the device image '") + image_blob(image).name + "'"
+                                   : std::string("kernel ") + name + " (on device " + std::to_string(device) + ")";
+      throw std::runtime_error(capture_refusal(op, what));
     }
     load_locked(op, image, loaded);
   }

@@ -13,7 +13,7 @@ from moe_kernels.backends.cuda import extension as cops
 from moe_kernels.backends.cuda import plan as cplan
 from moe_kernels.backends.cuda import twins as tw
 from moe_kernels.plan import build_plan_torch
-from moe_kernels.routing import Routing, expert_choice, softmax_topk
+from moe_kernels.routing import Routing, expert_choice
 
 FIELDS = ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "padded_offsets", "padded_slot",
           "block_expert", "token_slots")
