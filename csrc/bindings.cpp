@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "plan_shape.h"
 #include "runtime.h"
 
 #ifndef MOE_KERNELS_ARCHS
@@ -136,39 +137,52 @@ PyObject* route_grouped_sigmoid_topk(PyObject*, PyObject* args, PyObject* kwargs
 PyObject* build_plan(PyObject*, PyObject* args, PyObject* kwargs) {
   static const char* kw[] = {"slot_expert", "slot_token", "expert_counts", "expert_offsets", "sorted_slot",
                              "slot_position", "padded_offsets", "padded_slot", "block_expert", "token_slots",
-                             "token_fill", "num_slots", "num_experts", "num_tokens", "max_slots_per_token", "top_k",
-                             "block_m", "num_padded_rows", "device", "stream", nullptr};
-  ptr_t p[11], stream;
-  i64 num_slots, num_experts, num_tokens, max_slots_per_token, top_k, block_m, num_padded_rows;
+                             "token_fill", "scratch", "scratch_words", "num_slots", "num_experts", "num_tokens",
+                             "max_slots_per_token", "top_k", "block_m", "num_padded_rows", "device", "stream",
+                             nullptr};
+  ptr_t p[12], stream;
+  i64 scratch_words, num_slots, num_experts, num_tokens, max_slots_per_token, top_k, block_m, num_padded_rows;
   int device;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&O&O&O&O&O&O&O&LLLLLLLiO&:build_plan",
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&O&O&O&O&O&O&O&O&LLLLLLLLiO&:build_plan",
                                    const_cast<char**>(kw), to_ptr, &p[0], to_ptr, &p[1], to_ptr, &p[2], to_ptr,
                                    &p[3], to_ptr, &p[4], to_ptr, &p[5], to_ptr, &p[6], to_ptr, &p[7], to_ptr, &p[8],
-                                   to_ptr, &p[9], to_ptr, &p[10], &num_slots, &num_experts, &num_tokens,
-                                   &max_slots_per_token, &top_k, &block_m, &num_padded_rows, &device, to_ptr,
-                                   &stream))
+                                   to_ptr, &p[9], to_ptr, &p[10], to_ptr, &p[11], &scratch_words, &num_slots,
+                                   &num_experts, &num_tokens, &max_slots_per_token, &top_k, &block_m,
+                                   &num_padded_rows, &device, to_ptr, &stream))
     return nullptr;
   if (!call_cpp([&] {
-        moe_ext::build_plan(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], num_slots,
-                            num_experts, num_tokens, max_slots_per_token, top_k, block_m, num_padded_rows, device,
-                            stream);
+        moe_ext::build_plan(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11],
+                            scratch_words, num_slots, num_experts, num_tokens, max_slots_per_token, top_k, block_m,
+                            num_padded_rows, device, stream);
       }, true))
     return nullptr;
   Py_RETURN_NONE;
 }
 
+PyObject* plan_scratch_words(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* kw[] = {"num_slots", "num_experts", nullptr};
+  i64 num_slots, num_experts;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL:plan_scratch_words", const_cast<char**>(kw), &num_slots,
+                                   &num_experts))
+    return nullptr;
+  std::int64_t words = 0;
+  if (!call_cpp([&] { words = moe_ext::plan_scratch_words(num_slots, num_experts); }, false)) return nullptr;
+  return PyLong_FromLongLong(words);
+}
+
 PyObject* permute_rows(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* kw[] = {"x", "slot_token", "row_slot", "out", "num_rows", "hidden", "elem_size", "device",
-                             "stream", nullptr};
-  ptr_t x, slot_token, row_slot, out, stream;
-  i64 num_rows, hidden;
+  static const char* kw[] = {"x", "slot_token", "row_slot", "out", "num_rows", "hidden", "elem_size", "num_slots",
+                             "x_rows", "bad", "device", "stream", nullptr};
+  ptr_t x, slot_token, row_slot, out, bad, stream;
+  i64 num_rows, hidden, num_slots, x_rows;
   int elem_size, device;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&LLiiO&:permute_rows", const_cast<char**>(kw), to_ptr, &x,
-                                   to_ptr, &slot_token, to_ptr, &row_slot, to_ptr, &out, &num_rows, &hidden,
-                                   &elem_size, &device, to_ptr, &stream))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&LLiLLO&iO&:permute_rows", const_cast<char**>(kw), to_ptr,
+                                   &x, to_ptr, &slot_token, to_ptr, &row_slot, to_ptr, &out, &num_rows, &hidden,
+                                   &elem_size, &num_slots, &x_rows, to_ptr, &bad, &device, to_ptr, &stream))
     return nullptr;
   if (!call_cpp([&] {
-        moe_ext::permute_rows(x, slot_token, row_slot, out, num_rows, hidden, elem_size, device, stream);
+        moe_ext::permute_rows(x, slot_token, row_slot, out, num_rows, hidden, elem_size, num_slots, x_rows, bad,
+                              device, stream);
       }, true))
     return nullptr;
   Py_RETURN_NONE;
@@ -176,17 +190,18 @@ PyObject* permute_rows(PyObject*, PyObject* args, PyObject* kwargs) {
 
 PyObject* unpermute_rows(PyObject*, PyObject* args, PyObject* kwargs) {
   static const char* kw[] = {"y", "slot_row", "token_slots", "weights", "out", "num_tokens", "max_slots", "hidden",
-                             "dtype", "device", "stream", nullptr};
-  ptr_t y, slot_row, token_slots, weights, out, stream;
-  i64 num_tokens, max_slots, hidden;
+                             "dtype", "num_slots", "y_rows", "bad", "device", "stream", nullptr};
+  ptr_t y, slot_row, token_slots, weights, out, bad, stream;
+  i64 num_tokens, max_slots, hidden, num_slots, y_rows;
   int dtype, device;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&O&LLLiiO&:unpermute_rows", const_cast<char**>(kw), to_ptr,
-                                   &y, to_ptr, &slot_row, to_ptr, &token_slots, to_ptr, &weights, to_ptr, &out,
-                                   &num_tokens, &max_slots, &hidden, &dtype, &device, to_ptr, &stream))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&O&LLLiLLO&iO&:unpermute_rows", const_cast<char**>(kw),
+                                   to_ptr, &y, to_ptr, &slot_row, to_ptr, &token_slots, to_ptr, &weights, to_ptr,
+                                   &out, &num_tokens, &max_slots, &hidden, &dtype, &num_slots, &y_rows, to_ptr, &bad,
+                                   &device, to_ptr, &stream))
     return nullptr;
   if (!call_cpp([&] {
-        moe_ext::unpermute_rows(y, slot_row, token_slots, weights, out, num_tokens, max_slots, hidden, dtype, device,
-                                stream);
+        moe_ext::unpermute_rows(y, slot_row, token_slots, weights, out, num_tokens, max_slots, hidden, dtype,
+                                num_slots, y_rows, bad, device, stream);
       }, true))
     return nullptr;
   Py_RETURN_NONE;
@@ -299,16 +314,18 @@ PyMethodDef methods[] = {
      "DeepSeek-V3 routing: sigmoid, selection bias (fp32 [E] or 0), grouped top-k."},
     {"build_plan", MOE_KW(build_plan),
      "build_plan(slot_expert, slot_token, expert_counts, expert_offsets, sorted_slot, slot_position, "
-     "padded_offsets, padded_slot, block_expert, token_slots, token_fill, num_slots, num_experts, num_tokens, "
-     "max_slots_per_token, top_k, block_m, num_padded_rows, device, stream)\n\n"
-     "The DispatchPlan index tensors in one launch (top_k 0: not token-major)."},
+     "padded_offsets, padded_slot, block_expert, token_slots, token_fill, scratch, scratch_words, num_slots, "
+     "num_experts, num_tokens, max_slots_per_token, top_k, block_m, num_padded_rows, device, stream)\n\n"
+     "The DispatchPlan index tensors (top_k 0: not token-major); one CTA at decode sizes, many past them."},
+    {"plan_scratch_words", MOE_KW(plan_scratch_words),
+     "plan_scratch_words(num_slots, num_experts)\n\nint32 words of scratch build_plan needs for these sizes."},
     {"permute_rows", MOE_KW(permute_rows),
-     "permute_rows(x, slot_token, row_slot, out, num_rows, hidden, elem_size, device, stream)\n\n"
-     "out[r] = x[slot_token[row_slot[r]]], zero where row_slot[r] < 0."},
+     "permute_rows(x, slot_token, row_slot, out, num_rows, hidden, elem_size, num_slots, x_rows, bad, device, "
+     "stream)\n\nout[r] = x[slot_token[row_slot[r]]], zero where row_slot[r] < 0 (or out of range: then *bad = 1)."},
     {"unpermute_rows", MOE_KW(unpermute_rows),
-     "unpermute_rows(y, slot_row, token_slots, weights, out, num_tokens, max_slots, hidden, dtype, device, "
-     "stream)\n\nout[t] = sum_j w[s] * y[slot_row[s]] over s = token_slots[t, j] >= 0, fp32 accumulation, fixed "
-     "order."},
+     "unpermute_rows(y, slot_row, token_slots, weights, out, num_tokens, max_slots, hidden, dtype, num_slots, "
+     "y_rows, bad, device, stream)\n\nout[t] = sum_j w[s] * y[slot_row[s]] over s = token_slots[t, j] >= 0, fp32 "
+     "accumulation, fixed order; out-of-range cells are skipped and set *bad = 1."},
     {"max_padded_rows", MOE_KW(max_padded_rows), "max_padded_rows(num_slots, num_experts, block_m)"},
     {"build_info", build_info, METH_NOARGS,
      "CUDA version, real archs, PTX archs, device compiler and Python ABI of this build."},
@@ -340,7 +357,10 @@ extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "ROUTE_MAX_EXPERTS", moe_ext::kRouteMaxExperts) != 0 ||
       PyModule_AddIntConstant(m, "ROUTE_MAX_TOP_K", moe_ext::kRouteMaxTopK) != 0 ||
-      PyModule_AddIntConstant(m, "PLAN_MAX_EXPERTS", moe_ext::kPlanMaxExperts) != 0) {
+      PyModule_AddIntConstant(m, "PLAN_MAX_EXPERTS", moe_ext::kPlanMaxExperts) != 0 ||
+      PyModule_AddIntConstant(m, "PLAN_SINGLE_MAX_SLOTS", moe_plan::kPlanSingleMaxSlots) != 0 ||
+      PyModule_AddIntConstant(m, "PLAN_CHUNK", moe_plan::kPlanChunk) != 0 ||
+      PyModule_AddIntConstant(m, "PLAN_SCAN_ROWS", moe_plan::kPlanScanRows) != 0) {
     Py_DECREF(m);
     return nullptr;
   }

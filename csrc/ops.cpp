@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 
+#include "plan_shape.h"
 #include "runtime.h"
 
 namespace moe_ext {
@@ -67,6 +68,114 @@ void zero_counts(const char* op, ptr_t counts, std::int64_t num_experts, ptr_t s
   check_cuda(op, "zeroing counts",
              cudaMemsetAsync(reinterpret_cast<void*>(counts), 0, sizeof(std::int32_t) * num_experts,
                              reinterpret_cast<cudaStream_t>(stream)));
+}
+
+std::int64_t plan_levels_rows(std::int64_t rows, std::int64_t* per_level, int max_levels) {
+  int n = 0;
+  per_level[n++] = rows;
+  while (rows > 1 && n <= max_levels) {
+    rows = (rows + moe_plan::kPlanScanRows - 1) / moe_plan::kPlanScanRows;
+    per_level[n++] = rows;
+  }
+  return n;
+}
+
+unsigned cdiv_u(std::int64_t a, std::int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+// The many-CTA plan (plan.cu, steps a-f); arguments already checked by build_plan.
+void build_plan_many(ptr_t slot_expert, ptr_t slot_token, ptr_t expert_counts, ptr_t expert_offsets,
+                     ptr_t sorted_slot, ptr_t slot_position, ptr_t padded_offsets, ptr_t padded_slot,
+                     ptr_t block_expert, ptr_t token_slots, ptr_t token_fill, ptr_t scratch,
+                     std::int64_t scratch_words, std::int64_t num_slots, std::int64_t num_experts,
+                     std::int64_t num_tokens, std::int64_t max_slots_per_token, std::int64_t top_k,
+                     std::int64_t block_m, std::int64_t num_padded_rows, int device, ptr_t stream) {
+  const char* op = "build_plan";
+  using namespace moe_plan;
+  const std::int64_t w = num_experts + 1;
+  const std::int64_t chunks = (num_slots + kPlanChunk - 1) / kPlanChunk;
+  std::int64_t rows[kPlanMaxLevels + 2];
+  const int n = static_cast<int>(plan_levels_rows(chunks, rows, kPlanMaxLevels));
+  std::int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += rows[i];
+  if (n - 1 > kPlanMaxLevels) arg_error(op, "num_slots: too many scan levels");
+  check_ptr(op, "scratch", scratch);
+  if (scratch_words < total * w) {
+    arg_error(op, "scratch_words: expected at least " + std::to_string(total * w) + ", got " +
+                      std::to_string(scratch_words));
+  }
+  if (top_k == 0) check_ptr(op, "token_fill", token_fill);
+  DeviceGuard guard(op, device);
+  int* levels = reinterpret_cast<int*>(scratch);
+  const void* se = reinterpret_cast<void*>(slot_expert);
+  int a_s = static_cast<int>(num_slots), a_e = static_cast<int>(num_experts), a_w = static_cast<int>(w);
+  {  // a. histogram per chunk
+    void* a_hist = levels;
+    void* args[] = {const_cast<void**>(&se), &a_hist, &a_s, &a_e};
+    launch(op, Image::kPlan, "_plan_hist_fwd_kernel", dim3(static_cast<unsigned>(chunks)), dim3(kPlanChunk),
+           sizeof(int) * w, stream, args);
+  }
+  std::int64_t row0 = 0;
+  for (int l = 0; l + 1 < n; ++l) {  // b. one scan per level
+    void* a_x = levels + row0 * w;
+    void* a_tot = levels + (row0 + rows[l]) * w;
+    int a_rows = static_cast<int>(rows[l]);
+    void* args[] = {&a_x, &a_tot, &a_rows, &a_w};
+    launch(op, Image::kPlan, "_plan_scan_fwd_kernel", dim3(cdiv_u(rows[l], kPlanScanRows), cdiv_u(w, kPlanRowThreads)),
+           dim3(kPlanRowThreads), 0, stream, args);
+    row0 += rows[l];
+  }
+  void* a_counts = reinterpret_cast<void*>(expert_counts);
+  void* a_offs = reinterpret_cast<void*>(expert_offsets);
+  void* a_poffs = reinterpret_cast<void*>(padded_offsets);
+  int a_bm = static_cast<int>(block_m);
+  {  // c. offsets from the bucket totals (the last level's one row)
+    void* a_tot = levels + row0 * w;
+    void* args[] = {&a_tot, &a_counts, &a_offs, &a_poffs, &a_e, &a_bm};
+    launch(op, Image::kPlan, "_plan_offsets_fwd_kernel", dim3(1), dim3(1024), sizeof(int) * (2 * w + 64), stream,
+           args);
+  }
+  void* a_sorted = reinterpret_cast<void*>(sorted_slot);
+  void* a_pos = reinterpret_cast<void*>(slot_position);
+  void* a_pslot = reinterpret_cast<void*>(padded_slot);
+  {  // d. placement
+    void* a_levels = levels;
+    int a_chunks = static_cast<int>(chunks), a_nl = n - 1;
+    void* args[] = {const_cast<void**>(&se), &a_levels, &a_offs, &a_poffs, &a_sorted, &a_pos, &a_pslot,
+                    &a_s, &a_e, &a_chunks, &a_nl};
+    launch(op, Image::kPlan, "_plan_place_fwd_kernel", dim3(static_cast<unsigned>(chunks)),
+           dim3(kPlanPlaceThreads), sizeof(int) * w, stream, args);
+  }
+  {  // e. block map and padding rows
+    void* a_bexp = reinterpret_cast<void*>(block_expert);
+    int a_p = static_cast<int>(num_padded_rows);
+    void* args[] = {&a_counts, &a_poffs, &a_pslot, &a_bexp, &a_e, &a_p, &a_bm};
+    launch(op, Image::kPlan, "_plan_blocks_fwd_kernel", dim3(cdiv_u(num_padded_rows, kPlanRowThreads)),
+           dim3(kPlanRowThreads), 0, stream, args);
+  }
+  if (num_tokens == 0) return;
+  void* a_table = reinterpret_cast<void*>(token_slots);
+  int a_t = static_cast<int>(num_tokens), a_k = static_cast<int>(max_slots_per_token), a_top = static_cast<int>(top_k);
+  const dim3 token_grid(cdiv_u(num_tokens, kPlanRowThreads));
+  if (top_k > 0) {  // f. token table by formula
+    void* args[] = {const_cast<void**>(&se), &a_table, &a_e, &a_t, &a_k, &a_top};
+    launch(op, Image::kPlan, "_plan_token_major_fwd_kernel", token_grid, dim3(kPlanRowThreads), 0, stream, args);
+    return;
+  }
+  void* a_fill = reinterpret_cast<void*>(token_fill);
+  void* a_tok = reinterpret_cast<void*>(slot_token);
+  {
+    void* args[] = {&a_table, &a_fill, &a_t, &a_k};
+    launch(op, Image::kPlan, "_plan_token_fill_fwd_kernel", token_grid, dim3(kPlanRowThreads), 0, stream, args);
+  }
+  {
+    void* args[] = {const_cast<void**>(&se), &a_tok, &a_table, &a_fill, &a_s, &a_e, &a_t, &a_k};
+    launch(op, Image::kPlan, "_plan_token_append_fwd_kernel", dim3(cdiv_u(num_slots, kPlanRowThreads)),
+           dim3(kPlanRowThreads), 0, stream, args);
+  }
+  {
+    void* args[] = {&a_table, &a_fill, &a_t, &a_k};
+    launch(op, Image::kPlan, "_plan_token_sort_fwd_kernel", token_grid, dim3(kPlanRowThreads), 0, stream, args);
+  }
 }
 
 }  // namespace
@@ -134,14 +243,18 @@ void route_grouped_sigmoid_topk(ptr_t logits, ptr_t bias, ptr_t ids, ptr_t weigh
   int a_renorm = renormalize ? 1 : 0;
   void* args[] = {&a_logits, &a_bias, &a_ids, &a_weights, &a_counts, &a_t, &a_e,
                   &a_k,      &a_ng,   &a_tg,  &a_scale,   &a_renorm};
-  launch(op, Image::kRouting, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), 0, stream, args);
+  // routing.cu's grouped kernel: per warp, E scores + one pad per 32, then n_group
+  // group scores and flags; nothing when there is one group.
+  const std::size_t words = static_cast<std::size_t>(num_experts + num_experts / 32 + 1 + 2 * n_group);
+  const std::size_t smem = n_group > 1 ? sizeof(float) * kWarpsPerCta * words : 0;
+  launch(op, Image::kRouting, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), smem, stream, args);
 }
 
 void build_plan(ptr_t slot_expert, ptr_t slot_token, ptr_t expert_counts, ptr_t expert_offsets, ptr_t sorted_slot,
                 ptr_t slot_position, ptr_t padded_offsets, ptr_t padded_slot, ptr_t block_expert, ptr_t token_slots,
-                ptr_t token_fill, std::int64_t num_slots, std::int64_t num_experts, std::int64_t num_tokens,
-                std::int64_t max_slots_per_token, std::int64_t top_k, std::int64_t block_m,
-                std::int64_t num_padded_rows, int device, ptr_t stream) {
+                ptr_t token_fill, ptr_t scratch, std::int64_t scratch_words, std::int64_t num_slots,
+                std::int64_t num_experts, std::int64_t num_tokens, std::int64_t max_slots_per_token,
+                std::int64_t top_k, std::int64_t block_m, std::int64_t num_padded_rows, int device, ptr_t stream) {
   const char* op = "build_plan";
   check_range(op, "num_experts", num_experts, 1, kPlanMaxExperts);
   check_range(op, "num_slots", num_slots, 0, kInt32Max);
@@ -171,6 +284,13 @@ void build_plan(ptr_t slot_expert, ptr_t slot_token, ptr_t expert_counts, ptr_t 
   if (num_tokens > 0) check_ptr(op, "token_slots", token_slots);
   if (top_k == 0 && num_slots > 0) check_ptr(op, "slot_token", slot_token);
   if (top_k == 0 && num_tokens > 0) check_ptr(op, "token_fill", token_fill);
+  if (num_slots > moe_plan::kPlanSingleMaxSlots) {
+    build_plan_many(slot_expert, slot_token, expert_counts, expert_offsets, sorted_slot, slot_position,
+                    padded_offsets, padded_slot, block_expert, token_slots, token_fill, scratch, scratch_words,
+                    num_slots, num_experts, num_tokens, max_slots_per_token, top_k, block_m, num_padded_rows, device,
+                    stream);
+    return;
+  }
   const std::int64_t nb = num_experts + 1;
   const std::int64_t words = static_cast<std::int64_t>(kPlanSmemBytes / sizeof(int)) - 64 - 2 * nb;
   const int nwarps = static_cast<int>(std::min<std::int64_t>(32, words / nb));
@@ -191,9 +311,21 @@ void build_plan(ptr_t slot_expert, ptr_t slot_token, ptr_t expert_counts, ptr_t 
   launch(op, Image::kPlan, "_plan_build_fwd_kernel", dim3(1), dim3(nwarps * 32), smem, stream, args);
 }
 
+std::int64_t plan_scratch_words(std::int64_t num_slots, std::int64_t num_experts) {
+  if (num_slots <= moe_plan::kPlanSingleMaxSlots) return 0;
+  std::int64_t rows = (num_slots + moe_plan::kPlanChunk - 1) / moe_plan::kPlanChunk, total = rows;
+  while (rows > 1) {
+    rows = (rows + moe_plan::kPlanScanRows - 1) / moe_plan::kPlanScanRows;
+    total += rows;
+  }
+  return total * (num_experts + 1);
+}
+
 void permute_rows(ptr_t x, ptr_t slot_token, ptr_t row_slot, ptr_t out, std::int64_t num_rows, std::int64_t hidden,
-                  int elem_size, int device, ptr_t stream) {
+                  int elem_size, std::int64_t num_slots, std::int64_t x_rows, ptr_t bad, int device, ptr_t stream) {
   const char* op = "permute_rows";
+  check_range(op, "num_slots", num_slots, 0, kInt32Max);
+  check_range(op, "x_rows", x_rows, 0, std::numeric_limits<std::int64_t>::max());
   if (elem_size != 2 && elem_size != 4) {
     arg_error(op, "elem_size: expected 2 or 4 bytes, got " + std::to_string(elem_size));
   }
@@ -212,15 +344,20 @@ void permute_rows(ptr_t x, ptr_t slot_token, ptr_t row_slot, ptr_t out, std::int
   void* a_tok = reinterpret_cast<void*>(slot_token);
   void* a_row = reinterpret_cast<void*>(row_slot);
   void* a_out = reinterpret_cast<void*>(out);
-  long long a_rows = num_rows, a_nvec = vec ? row_bytes / 16 : hidden;
-  void* args[] = {&a_x, &a_tok, &a_row, &a_out, &a_rows, &a_nvec};
+  long long a_rows = num_rows, a_nvec = vec ? row_bytes / 16 : hidden, a_xrows = x_rows;
+  int a_s = static_cast<int>(num_slots);
+  void* a_bad = reinterpret_cast<void*>(bad);
+  void* args[] = {&a_x, &a_tok, &a_row, &a_out, &a_rows, &a_nvec, &a_s, &a_xrows, &a_bad};
   DeviceGuard guard(op, device);
   launch(op, Image::kPermute, name, dim3(warp_rows_grid(num_rows)), dim3(kWarpsPerCta * 32), 0, stream, args);
 }
 
 void unpermute_rows(ptr_t y, ptr_t slot_row, ptr_t token_slots, ptr_t weights, ptr_t out, std::int64_t num_tokens,
-                    std::int64_t max_slots, std::int64_t hidden, int dtype, int device, ptr_t stream) {
+                    std::int64_t max_slots, std::int64_t hidden, int dtype, std::int64_t num_slots,
+                    std::int64_t y_rows, ptr_t bad, int device, ptr_t stream) {
   const char* op = "unpermute_rows";
+  check_range(op, "num_slots", num_slots, 0, kInt32Max);
+  check_range(op, "y_rows", y_rows, 0, std::numeric_limits<std::int64_t>::max());
   const char* tname = dtype_name(op, dtype);
   check_range(op, "num_tokens", num_tokens, 0, kInt32Max);
   check_range(op, "max_slots", max_slots, 1, kInt32Max);
@@ -239,9 +376,10 @@ void unpermute_rows(ptr_t y, ptr_t slot_row, ptr_t token_slots, ptr_t weights, p
   void* a_ts = reinterpret_cast<void*>(token_slots);
   void* a_w = reinterpret_cast<void*>(weights);
   void* a_out = reinterpret_cast<void*>(out);
-  long long a_t = num_tokens, a_h = hidden;
-  int a_k = static_cast<int>(max_slots);
-  void* args[] = {&a_y, &a_row, &a_ts, &a_w, &a_out, &a_t, &a_k, &a_h};
+  long long a_t = num_tokens, a_h = hidden, a_yrows = y_rows;
+  int a_k = static_cast<int>(max_slots), a_s = static_cast<int>(num_slots);
+  void* a_bad = reinterpret_cast<void*>(bad);
+  void* args[] = {&a_y, &a_row, &a_ts, &a_w, &a_out, &a_t, &a_k, &a_h, &a_s, &a_yrows, &a_bad};
   DeviceGuard guard(op, device);
   launch(op, Image::kPermute, name, dim3(warp_rows_grid(num_tokens)), dim3(kWarpsPerCta * 32), 0, stream, args);
 }

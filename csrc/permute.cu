@@ -10,7 +10,12 @@
 //              rounding to the output dtype at the end. Deterministic: no atomics.
 //
 // One warp per output row (4 per CTA); lanes stride over the row's vectors. Row
-// offsets are 64-bit (rows * row length can pass 2^31). No backward kernels: the
+// offsets are 64-bit (rows * row length can pass 2^31). Every index read from memory
+// is bounds-checked (one unsigned compare): a slot id >= S or a row outside the source
+// (which the CPU twins reject with an IndexError) is not followed; permute writes a
+// zero row, unpermute skips the cell, and both set *bad = 1 (the same value from any
+// thread, so order does not matter) for the wrapper to raise on, instead of an
+// illegal-address fault that would kill the CUDA context. No backward kernels: the
 // backward of permute is unpermute with unit weights, and the backward of unpermute
 // is a gather and a row-wise dot product done with torch ops in
 // moe_kernels/backends/cuda/backend.py; nothing is saved beyond the op's inputs.
@@ -25,18 +30,23 @@ constexpr int kPermuteWarps = 4;
 template <typename V>
 __device__ __forceinline__ void permute_rows(const V* __restrict__ x, const int* __restrict__ slot_token,
                                              const int* __restrict__ row_slot, V* __restrict__ out,
-                                             long long num_rows, long long nvec) {
+                                             long long num_rows, long long nvec, int num_slots, long long x_rows,
+                                             int* __restrict__ bad) {
   const int lane = threadIdx.x & 31;
   const long long r = (long long)blockIdx.x * kPermuteWarps + (threadIdx.x >> 5);
   if (r >= num_rows) return;
   const int s = row_slot[r];
   V* dst = out + r * nvec;
-  if (s < 0) {
+  const int tok = (s >= 0 && (unsigned)s < (unsigned)num_slots) ? slot_token[s] : -1;
+  const bool out_of_range =
+      s >= num_slots || (s >= 0 && (unsigned long long)(long long)tok >= (unsigned long long)x_rows);
+  if (s < 0 || out_of_range) {
+    if (out_of_range && lane == 0 && bad != nullptr) *bad = 1;
     const V zero{};
     for (long long c = lane; c < nvec; c += 32) dst[c] = zero;
     return;
   }
-  const V* src = x + (long long)slot_token[s] * nvec;
+  const V* src = x + (long long)tok * nvec;
 #pragma unroll 4
   for (long long c = lane; c < nvec; c += 32) dst[c] = src[c];
 }
@@ -46,7 +56,8 @@ template <typename T, int VEC>
 __device__ __forceinline__ void unpermute_rows(const T* __restrict__ y, const int* __restrict__ slot_row,
                                                const int* __restrict__ token_slots, const float* __restrict__ w,
                                                T* __restrict__ out, long long num_tokens, int max_slots,
-                                               long long hidden) {
+                                               long long hidden, int num_slots, long long y_rows,
+                                               int* __restrict__ bad) {
   const int lane = threadIdx.x & 31;
   const long long t = (long long)blockIdx.x * kPermuteWarps + (threadIdx.x >> 5);
   if (t >= num_tokens) return;
@@ -59,7 +70,13 @@ __device__ __forceinline__ void unpermute_rows(const T* __restrict__ y, const in
     for (int j = 0; j < max_slots; ++j) {
       const int s = cells[j];
       if (s < 0) continue;
-      const long long row = slot_row != nullptr ? (long long)slot_row[s] : (long long)s;
+      const long long row = (unsigned)s >= (unsigned)num_slots ? -1LL
+                            : slot_row != nullptr              ? (long long)slot_row[s]
+                                                               : (long long)s;
+      if ((unsigned long long)row >= (unsigned long long)y_rows) {  // also s >= S (row -1)
+        if (lane == 0 && bad != nullptr) *bad = 1;
+        continue;
+      }
       const float ws = w[s];
       const T* src = y + row * hidden + c;
       alignas(16) T buf[VEC];
@@ -92,8 +109,9 @@ __device__ __forceinline__ void unpermute_rows(const T* __restrict__ y, const in
       const int* __restrict__ slot_token,   /* [S] */                                                       \
       const int* __restrict__ row_slot,     /* [R]; -1 = zero row */                                        \
       V* __restrict__ out,                  /* [R, nvec] */                                                 \
-      long long num_rows, long long nvec) {                                                                 \
-    moe::permute_rows<V>(x, slot_token, row_slot, out, num_rows, nvec);                                     \
+      long long num_rows, long long nvec, int num_slots, long long x_rows,                                  \
+      int* __restrict__ bad /* [1] set to 1 on an out-of-range index; may be null */) {                     \
+    moe::permute_rows<V>(x, slot_token, row_slot, out, num_rows, nvec, num_slots, x_rows, bad);             \
   }
 
 MOE_PERMUTE_KERNEL(v16, uint4)
@@ -107,8 +125,10 @@ MOE_PERMUTE_KERNEL(s2, unsigned short)
       const int* __restrict__ token_slots,  /* [T, K]; -1 = none */                                             \
       const float* __restrict__ w,          /* [S] */                                                           \
       T* __restrict__ out,                  /* [T, H] */                                                        \
-      long long num_tokens, int max_slots, long long hidden) {                                                  \
-    moe::unpermute_rows<T, VEC>(y, slot_row, token_slots, w, out, num_tokens, max_slots, hidden);               \
+      long long num_tokens, int max_slots, long long hidden, int num_slots, long long y_rows,                    \
+      int* __restrict__ bad /* [1] set to 1 on an out-of-range index; may be null */) {                         \
+    moe::unpermute_rows<T, VEC>(y, slot_row, token_slots, w, out, num_tokens, max_slots, hidden, num_slots,     \
+                                y_rows, bad);                                                                   \
   }
 
 MOE_UNPERMUTE_KERNEL(f32_v4, float, 4)

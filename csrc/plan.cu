@@ -1,9 +1,10 @@
-// The dispatch plan in one launch: per-expert histogram, exclusive scans, and the
-// stable scatter of slots into expert order (plain and padded to BLOCK_M), the
-// block->expert map and the token->slots table. Output is bit-identical to
-// moe_kernels.plan.build_plan_torch (fields documented on DispatchPlan).
+// The dispatch plan: per-expert histogram, exclusive scans, and the stable scatter of
+// slots into expert order (plain and padded to BLOCK_M), the block->expert map and the
+// token->slots table. Output is bit-identical to moe_kernels.plan.build_plan_torch
+// (fields documented on DispatchPlan). Two shapes, picked by the host from S: one CTA
+// for decode sizes (below), many CTAs past kPlanSingleMaxSlots (second half of the file).
 //
-// Pipeline (one CTA of NW warps, NW chosen by the host so the shared memory fits in
+// One-CTA pipeline (one CTA of NW warps, NW chosen by the host so the shared memory fits in
 // 48 KB: NW * (E+1) per-warp counters plus two (E+1) scans; E <= 4000):
 //   0. fill: padded_slot = -1; token_slots (token-major routings: slot ids or -1;
 //      otherwise -1 and the per-token fill counters zeroed);
@@ -25,6 +26,7 @@
 // Integer-only, so there is no backward. Pure-PyTorch twin:
 // moe_kernels/backends/cuda/twins.py build_plan.
 #include "common.cuh"
+#include "plan_shape.h"
 
 namespace moe {
 
@@ -114,15 +116,13 @@ extern "C" __global__ void __launch_bounds__(1024) _plan_build_fwd_kernel(
   for (int i = tid; i < nwarps * nb; i += nthreads) wcnt[i] = 0;
   for (int i = tid; i < num_padded_rows; i += nthreads) padded_slot[i] = -1;
   if (top_k > 0) {
-    for (long long i = tid; i < table; i += nthreads) {
-      const long long t = i / max_slots_per_token;
-      const int j = (int)(i - t * max_slots_per_token);
-      int v = -1;
-      if (j < top_k) {
-        const long long s = t * top_k + j;
-        if (plan_bucket(slot_expert[s], num_experts) < num_experts) v = (int)s;
+    // A thread per token row (no 64-bit divide per cell): S = T * top_k < 2^31.
+    for (int t = tid; t < num_tokens; t += nthreads) {
+      int* row = token_slots + (long long)t * max_slots_per_token;
+      const int s0 = t * top_k;
+      for (int j = 0; j < max_slots_per_token; ++j) {
+        row[j] = (j < top_k && plan_bucket(slot_expert[s0 + j], num_experts) < num_experts) ? s0 + j : -1;
       }
-      token_slots[i] = v;
     }
   } else {
     for (long long i = tid; i < table; i += nthreads) token_slots[i] = -1;
@@ -214,5 +214,222 @@ extern "C" __global__ void __launch_bounds__(1024) _plan_build_fwd_kernel(
         row[b + 1] = v;
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// The same plan over many CTAs, for prefill sizes (S > kPlanSingleMaxSlots; the host
+// picks). Buckets are the E experts plus bucket E (dropped), W = E + 1 of them.
+//   a. _plan_hist_fwd_kernel, one CTA per chunk of kPlanChunk slots: counts per bucket
+//      in shared memory (integer atomics: a sum, whose order never shows) -> hist[b, :];
+//   b. _plan_scan_fwd_kernel, one launch per level: groups of kPlanScanRows rows are
+//      scanned in place down each column (exclusive); each group's totals make a row of
+//      the next level, until a level has one row (the bucket totals);
+//   c. _plan_offsets_fwd_kernel, one CTA: expert_counts, expert_offsets, padded_offsets
+//      from the totals (block scans; its loops grow with E, never with S);
+//   d. _plan_place_fwd_kernel, one CTA per chunk: each bucket's start for this chunk =
+//      its offset + the chunk's entry of every level; one warp then walks the chunk in
+//      slot order (rank among equal lanes by __match_any_sync), so the sort is stable;
+//   e. _plan_blocks_fwd_kernel, one thread per padded row: its segment by binary search
+//      in padded_offsets, -1 in padding rows, block_expert at each block's first row;
+//   f. token_slots: token-major routings by formula (_plan_token_major_fwd_kernel);
+//      other layouts: fill (-1), append through per-token atomic cursors, then sort
+//      each row (_plan_token_fill/_append/_sort_fwd_kernel): the order is restored.
+// No loop of any CTA runs longer with S (the level loop runs at most kPlanMaxLevels
+// times); the grid grows as S / kPlanChunk.
+
+namespace moe {
+using namespace moe_plan;
+}  // namespace moe
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanChunk) _plan_hist_fwd_kernel(
+    const int* __restrict__ slot_expert,  // [S]
+    int* __restrict__ hist,               // [NBK, E+1] out
+    int num_slots, int num_experts) {
+  using namespace moe;
+  extern __shared__ int cnt[];  // [E+1]
+  const int w = num_experts + 1;
+  for (int i = threadIdx.x; i < w; i += blockDim.x) cnt[i] = 0;
+  __syncthreads();
+  const long long s = (long long)blockIdx.x * kPlanChunk + threadIdx.x;
+  if (s < num_slots) atomicAdd(cnt + plan_bucket(slot_expert[s], num_experts), 1);
+  __syncthreads();
+  int* row = hist + (long long)blockIdx.x * w;
+  for (int i = threadIdx.x; i < w; i += blockDim.x) row[i] = cnt[i];
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_scan_fwd_kernel(
+    int* __restrict__ x,    // [R, W] in: a level; out: exclusive prefix within each group of rows
+    int* __restrict__ tot,  // [cdiv(R, kPlanScanRows), W] out: the next level
+    int rows, int width) {
+  using namespace moe;
+  const int col = blockIdx.y * blockDim.x + threadIdx.x;
+  if (col >= width) return;
+  const int r0 = blockIdx.x * kPlanScanRows, r1 = min(rows, r0 + kPlanScanRows);
+  int run = 0;
+  for (int r = r0; r < r1; ++r) {
+    int* p = x + (long long)r * width + col;
+    const int v = *p;
+    *p = run;
+    run += v;
+  }
+  tot[(long long)blockIdx.x * width + col] = run;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) _plan_offsets_fwd_kernel(
+    const int* __restrict__ totals,  // [E+1] slots per bucket
+    int* __restrict__ expert_counts,   // [E]
+    int* __restrict__ expert_offsets,  // [E+1]
+    int* __restrict__ padded_offsets,  // [E+1]
+    int num_experts, int block_m) {
+  using namespace moe;
+  extern __shared__ int smem[];
+  const int w = num_experts + 1;
+  int* a = smem;          // [W]
+  int* b = a + w;         // [W]
+  int* warp_tot = b + w;  // [64]
+  for (int i = threadIdx.x; i < w; i += blockDim.x) {
+    const int c = totals[i];
+    a[i] = c;
+    if (i < num_experts) expert_counts[i] = c;
+  }
+  __syncthreads();
+  block_scan_pair(a, b, w, block_m, warp_tot);
+  for (int i = threadIdx.x; i < w; i += blockDim.x) {
+    expert_offsets[i] = a[i];
+    padded_offsets[i] = b[i];
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanPlaceThreads) _plan_place_fwd_kernel(
+    const int* __restrict__ slot_expert,     // [S]
+    const int* __restrict__ levels,          // [sum of level rows, E+1] exclusive prefixes per level
+    const int* __restrict__ expert_offsets,  // [E+1]
+    const int* __restrict__ padded_offsets,  // [E+1]
+    int* __restrict__ sorted_slot,           // [S]
+    int* __restrict__ slot_position,         // [S]
+    int* __restrict__ padded_slot,           // [P] (valid slots' rows)
+    int num_slots, int num_experts, int num_chunks, int num_levels) {
+  using namespace moe;
+  extern __shared__ int cursor[];  // [E+1] next position of each bucket in this chunk
+  const int w = num_experts + 1;
+  for (int i = threadIdx.x; i < w; i += blockDim.x) {
+    int v = expert_offsets[i];
+    long long row0 = 0;
+    int rows = num_chunks, idx = blockIdx.x;
+    for (int l = 0; l < num_levels && l < kPlanMaxLevels; ++l) {
+      v += levels[(row0 + idx) * w + i];
+      row0 += rows;
+      rows = (rows + kPlanScanRows - 1) / kPlanScanRows;
+      idx /= kPlanScanRows;
+    }
+    cursor[i] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  const int lo = blockIdx.x * kPlanChunk, hi = min(num_slots, lo + kPlanChunk);
+  for (int i0 = lo; i0 < hi; i0 += 32) {
+    const int s = i0 + lane;
+    const int key = s < hi ? plan_bucket(slot_expert[s], num_experts) : -1;
+    const unsigned same = __match_any_sync(MOE_FULL_MASK, key);
+    if (key >= 0) {
+      const int pos = cursor[key] + __popc(same & lanemask_lt());
+      sorted_slot[pos] = s;
+      slot_position[s] = pos;
+      if (key < num_experts) padded_slot[padded_offsets[key] + (pos - expert_offsets[key])] = s;
+    }
+    __syncwarp();  // every lane has read cursor[key] before the leader moves it on
+    if (key >= 0 && lane == __ffs(same) - 1) cursor[key] += __popc(same);
+    __syncwarp();
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_blocks_fwd_kernel(
+    const int* __restrict__ expert_counts,   // [E]
+    const int* __restrict__ padded_offsets,  // [E+1]
+    int* __restrict__ padded_slot,           // [P] out: -1 in padding rows
+    int* __restrict__ block_expert,          // [P / block_m] out
+    int num_experts, int num_padded_rows, int block_m) {
+  const long long rr = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // no int wrap near P = 2^31
+  if (rr >= num_padded_rows) return;
+  const int r = (int)rr;
+  // searchsorted(padded_offsets[1:], r, right=True)
+  int a = 0, z = num_experts;
+  while (a < z) {
+    const int mid = (a + z) >> 1;
+    if (padded_offsets[mid + 1] <= r) {
+      a = mid + 1;
+    } else {
+      z = mid;
+    }
+  }
+  const bool used = a < num_experts;
+  if (!used || r - padded_offsets[a] >= expert_counts[a]) padded_slot[r] = -1;
+  const int blk = r / block_m;
+  if (r == blk * block_m) block_expert[blk] = used ? a : -1;
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_token_major_fwd_kernel(
+    const int* __restrict__ slot_expert,  // [T * top_k]
+    int* __restrict__ token_slots,        // [T, K] out
+    int num_experts, int num_tokens, int max_slots_per_token, int top_k) {
+  using namespace moe;
+  const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (tt >= num_tokens) return;
+  const int t = (int)tt;
+  int* row = token_slots + (long long)t * max_slots_per_token;
+  const int s0 = t * top_k;  // < S < 2^31
+  for (int j = 0; j < max_slots_per_token; ++j) {
+    row[j] = (j < top_k && plan_bucket(slot_expert[s0 + j], num_experts) < num_experts) ? s0 + j : -1;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_token_fill_fwd_kernel(
+    int* __restrict__ token_slots,  // [T, K] out: -1
+    int* __restrict__ token_fill,   // [T] out: 0
+    int num_tokens, int max_slots_per_token) {
+  const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (tt >= num_tokens) return;
+  const int t = (int)tt;
+  int* row = token_slots + (long long)t * max_slots_per_token;
+  for (int j = 0; j < max_slots_per_token; ++j) row[j] = -1;
+  token_fill[t] = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_token_append_fwd_kernel(
+    const int* __restrict__ slot_expert,  // [S]
+    const int* __restrict__ slot_token,   // [S]
+    int* __restrict__ token_slots,        // [T, K] out: valid slots, any order within a row
+    int* __restrict__ token_fill,         // [T] scratch cursors
+    int num_slots, int num_experts, int num_tokens, int max_slots_per_token) {
+  using namespace moe;
+  const long long ss = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (ss >= num_slots) return;
+  const int s = (int)ss;
+  if (plan_bucket(slot_expert[s], num_experts) >= num_experts) return;
+  const int t = slot_token[s];
+  if (t < 0 || t >= num_tokens) return;
+  const int c = atomicAdd(token_fill + t, 1);
+  if (c < max_slots_per_token) token_slots[(long long)t * max_slots_per_token + c] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_token_sort_fwd_kernel(
+    int* __restrict__ token_slots,       // [T, K] in/out: each row's slots ascending
+    const int* __restrict__ token_fill,  // [T]
+    int num_tokens, int max_slots_per_token) {
+  const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (tt >= num_tokens) return;
+  const int t = (int)tt;
+  int* row = token_slots + (long long)t * max_slots_per_token;
+  const int n = min(token_fill[t], max_slots_per_token);
+  for (int a = 1; a < n; ++a) {
+    const int v = row[a];
+    int b = a - 1;
+    while (b >= 0 && row[b] > v) {
+      row[b + 1] = row[b];
+      --b;
+    }
+    row[b + 1] = v;
   }
 }

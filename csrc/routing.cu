@@ -31,7 +31,6 @@
 namespace moe {
 
 constexpr int kRouteWarps = 4;
-constexpr int kRouteMaxExperts = 512;
 
 // k rounds of warp argmax over the lane's candidates (`score`, carrying `weight`);
 // returns in lane j the j-th choice. NaN scores never win (both comparisons are false);
@@ -118,10 +117,11 @@ __device__ __forceinline__ void route_grouped_sigmoid_topk(const T* __restrict__
                                                            int* __restrict__ counts, int num_tokens, int num_experts,
                                                            int top_k, int n_group, int topk_group, float scale,
                                                            int renormalize) {
-  // Per warp: the choice scores (for the group scan), group scores, kept groups.
-  __shared__ float sh_choice[kRouteWarps][kRouteMaxExperts];
-  __shared__ float sh_group[kRouteWarps][kRouteMaxExperts];
-  __shared__ unsigned char sh_keep[kRouteWarps][kRouteMaxExperts];
+  // Per warp, in dynamic shared memory sized by the launcher (none when n_group == 1):
+  // the choice scores for the group scan, one padding word after every 32 (lane g reads
+  // group g's run of `per` scores: unpadded, per = 32 puts every lane on one bank), then
+  // the group scores and the kept-group flags. See route_group_smem_words.
+  extern __shared__ float sh_route[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const long long token = (long long)blockIdx.x * kRouteWarps + warp;
@@ -146,19 +146,21 @@ __device__ __forceinline__ void route_grouped_sigmoid_topk(const T* __restrict__
 
   if (n_group > 1) {
     const int per = num_experts / n_group;
-    float* choice = sh_choice[warp];
-    float* group = sh_group[warp];
-    unsigned char* keep = sh_keep[warp];
+    const int padded = num_experts + (num_experts >> 5) + 1;
+    float* choice = sh_route + warp * (padded + 2 * n_group);
+    float* group = choice + padded;
+    int* keep = reinterpret_cast<int*>(group + n_group);
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int e = lane + 32 * i;
-      if (e < num_experts) choice[e] = c[i];
+      if (e < num_experts) choice[e + (e >> 5)] = c[i];
     }
     __syncwarp();
     for (int g = lane; g < n_group; g += 32) {
       float a = neg_inf(), b = neg_inf();  // the group's best two, duplicates counted, NaN skipped
       for (int q = 0; q < per; ++q) {
-        const float v = choice[g * per + q];
+        const int e = g * per + q;
+        const float v = choice[e + (e >> 5)];
         if (v > a) {
           b = a;
           a = v;

@@ -1,16 +1,24 @@
 // Loading the embedded device images and launching their kernels; see runtime.h.
 //
 // When the images load: lazily, at the first launch that needs one (or at
-// load_images(), exposed as moe_kernels.backends.cuda.backend.load_kernels()). Loading is not
-// allowed during CUDA-graph capture, so a first launch on a capturing stream raises a
-// RuntimeError that says to run one forward pass (or load_kernels()) before capturing;
-// once loaded, launches capture normally (kernels are handles of a context-independent
-// library: each loads into a device's context at its first launch there).
+// load_images(), exposed as moe_kernels.backends.cuda.load_kernels()). Kernels are
+// handles of a context-independent library, and each one loads into a device's context
+// separately, at its first use there. Neither kind of load is allowed during CUDA-graph
+// capture, so:
+//   * load_images(device) loads every library, enumerates every kernel in it and makes
+//     each resident in that device's context (cudaFuncGetAttributes loads it);
+//   * a launch of a kernel not yet resident on the current device, on a capturing
+//     stream, raises a RuntimeError that says to call load_kernels() (or run one
+//     forward pass of each variant) before capturing, instead of invalidating the
+//     capture. Once resident, launches capture normally.
 #include "runtime.h"
 
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace moe_ext {
 namespace {
@@ -19,6 +27,8 @@ struct LoadedImage {
   std::mutex mutex;
   cudaLibrary_t library = nullptr;  // never unloaded: it lives as long as the process
   std::unordered_map<std::string, cudaKernel_t> kernels;
+  std::set<std::pair<int, std::string>> resident;  // (device, kernel) loaded into that device's context
+  std::set<int> all_resident;                      // devices where load_images made every kernel resident
 };
 
 LoadedImage g_loaded[kNumImages];
@@ -103,26 +113,83 @@ void load_locked(const char* op, Image image, LoadedImage& loaded) {
              cudaLibraryLoadData(&loaded.library, blob.data, nullptr, nullptr, 0, nullptr, nullptr, 0));
 }
 
+std::string capture_refusal(const char* op, const std::string& what) {
+  return std::string("moe_kernels._C.") + op + ": " + what +
+         " is not loaded yet and the stream is capturing a CUDA graph, during which loading is not allowed: "
+         "call moe_kernels.backends.cuda.load_kernels() (for each device) before capturing";
+}
+
+// Load `kernel` into the current device's context (call with loaded.mutex held).
+bool is_resident(const LoadedImage& loaded, int device, const std::string& name) {
+  return loaded.all_resident.count(device) != 0 || loaded.resident.count({device, name}) != 0;
+}
+
+void make_resident(const char* op, LoadedImage& loaded, int device, const std::string& name, cudaKernel_t kernel) {
+  if (is_resident(loaded, device, name)) return;
+  cudaFuncAttributes attr;
+  check_cuda(op, ("loading kernel " + name).c_str(),
+             cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
+  loaded.resident.insert({device, name});
+}
+
 cudaKernel_t get_kernel(const char* op, Image image, const char* name, std::uintptr_t stream) {
   LoadedImage& loaded = g_loaded[static_cast<int>(image)];
   std::lock_guard<std::mutex> lock(loaded.mutex);
-  if (loaded.library == nullptr) {
+  int device = 0;
+  check_cuda(op, "cudaGetDevice", cudaGetDevice(&device));
+  if (loaded.library == nullptr || !is_resident(loaded, device, name)) {
     // Loading during capture is an unsafe call: it would fail and invalidate the
     // user's capture with an error that does not say why, so refuse it up front.
     if (capturing(stream)) {
-      throw std::runtime_error(std::string("moe_kernels._C.") + op + ": the device image '" + image_blob(image).name +
-                               "' is not loaded yet and the stream is capturing a CUDA graph, during which loading "
-                               "is not allowed: run one forward pass (or call moe_kernels.backends.cuda.backend."
-                               "load_kernels()) before capturing");
+      const std::string what = loaded.library == nullptr
+                                   ? std::string("the device image '") + image_blob(image).name + "'"
+                                   : std::string("kernel ") + name + " (on device " + std::to_string(device) + ")";
+      throw std::runtime_error(capture_refusal(op, what));
     }
     load_locked(op, image, loaded);
   }
-  auto it = loaded.kernels.find(name);
-  if (it != loaded.kernels.end()) return it->second;
   cudaKernel_t kernel = nullptr;
-  check_cuda(op, (std::string("finding kernel ") + name).c_str(), cudaLibraryGetKernel(&kernel, loaded.library, name));
-  loaded.kernels.emplace(name, kernel);
+  auto it = loaded.kernels.find(name);
+  if (it != loaded.kernels.end()) {
+    kernel = it->second;
+  } else {
+    check_cuda(op, (std::string("finding kernel ") + name).c_str(),
+               cudaLibraryGetKernel(&kernel, loaded.library, name));
+    loaded.kernels.emplace(name, kernel);
+  }
+  make_resident(op, loaded, device, name, kernel);
   return kernel;
+}
+
+// Whether the primary context of `device` is active (torch's guard asks the same before
+// restoring a device): cuDevicePrimaryCtxGetState through the driver entry point, as
+// this module links no driver library. Unknown counts as "not active".
+bool primary_context_active(int device) {
+  using GetState = int (*)(int, unsigned int*, int*);
+  using DeviceGet = int (*)(int*, int);
+  static GetState get_state = nullptr;
+  static DeviceGet device_get = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess && found == cudaDriverEntryPointSuccess) {
+      get_state = reinterpret_cast<GetState>(fn);
+    }
+    fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuDeviceGet", &fn, 12000, cudaEnableDefault, &found) == cudaSuccess &&
+        found == cudaDriverEntryPointSuccess) {
+      device_get = reinterpret_cast<DeviceGet>(fn);
+    }
+    cudaGetLastError();
+  });
+  if (get_state == nullptr || device_get == nullptr) return false;
+  int handle = 0;
+  if (device_get(&handle, device) != 0) return false;
+  unsigned int flags = 0;
+  int active = 0;
+  return get_state(handle, &flags, &active) == 0 && active != 0;
 }
 
 }  // namespace
@@ -147,14 +214,30 @@ DeviceGuard::DeviceGuard(const char* op, int device) {
 }
 
 DeviceGuard::~DeviceGuard() {
-  if (changed_) cudaSetDevice(previous_);
+  // cudaSetDevice creates the device's primary context: restoring a device the caller
+  // never used (cudaGetDevice says 0 in a process that only uses cuda:N) would create
+  // one on GPU 0, so restore only a device whose context is already active.
+  if (changed_ && primary_context_active(previous_)) cudaSetDevice(previous_);
 }
 
 void load_images(const char* op) {
+  int device = 0;
+  check_cuda(op, "cudaGetDevice", cudaGetDevice(&device));
   for (int i = 0; i < kNumImages; ++i) {
     LoadedImage& loaded = g_loaded[i];
     std::lock_guard<std::mutex> lock(loaded.mutex);
     load_locked(op, static_cast<Image>(i), loaded);
+    unsigned int count = 0;
+    check_cuda(op, "cudaLibraryGetKernelCount", cudaLibraryGetKernelCount(&count, loaded.library));
+    std::vector<cudaKernel_t> kernels(count);
+    if (count > 0) {
+      check_cuda(op, "cudaLibraryEnumerateKernels", cudaLibraryEnumerateKernels(kernels.data(), count, loaded.library));
+    }
+    for (cudaKernel_t kernel : kernels) {  // cudaFuncGetAttributes loads it into this device's context
+      cudaFuncAttributes attr;
+      check_cuda(op, "loading every kernel", cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
+    }
+    loaded.all_resident.insert(device);
   }
 }
 

@@ -42,7 +42,9 @@ inline void check_cuda(const char* op, const char* what, cudaError_t err) {
 }
 
 // Makes `device` current for the scope and restores the previous device after, so a
-// launch for a tensor on cuda:1 does not change the caller's current device.
+// launch for a tensor on cuda:1 does not change the caller's current device; it restores
+// only a device whose primary context is active, so a process that only uses cuda:N
+// gets no context on GPU 0.
 class DeviceGuard {
  public:
   DeviceGuard(const char* op, int device);
@@ -55,9 +57,10 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
-// Load every embedded image now (outside CUDA-graph capture); idempotent. Call inside
-// a DeviceGuard. Launches load what they need themselves, but refuse to do it while
-// their stream is being captured.
+// Load every embedded image now and make every kernel in it resident in the current
+// device's context (outside CUDA-graph capture); idempotent. Call inside a DeviceGuard,
+// once per device. Launches load what they need themselves, but refuse to do it (the
+// image, or a kernel's first use on a device) while their stream is being captured.
 void load_images(const char* op);
 bool images_loaded();
 

@@ -67,9 +67,9 @@ def test_a_call_without_a_gpu_raises_a_clear_runtime_error():
         "route_softmax_topk": lambda: c.route_softmax_topk(16, 16, 16, 16, 4, 8, 2, True, 0, 0, 0),
         "route_grouped_sigmoid_topk": lambda: c.route_grouped_sigmoid_topk(16, 0, 16, 16, 16, 4, 8, 2, 1, 1, 1.0,
                                                                            True, 0, 0, 0),
-        "build_plan": lambda: c.build_plan(*([16] * 11), 8, 4, 8, 1, 1, 2, c.max_padded_rows(8, 4, 2), 0, 0),
-        "permute_rows": lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0),
-        "unpermute_rows": lambda: c.unpermute_rows(16, 0, 16, 16, 16, 4, 2, 8, 1, 0, 0),
+        "build_plan": lambda: c.build_plan(*([16] * 12), 0, 8, 4, 8, 1, 1, 2, c.max_padded_rows(8, 4, 2), 0, 0),
+        "permute_rows": lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 4, 4, 16, 0, 0),
+        "unpermute_rows": lambda: c.unpermute_rows(16, 0, 16, 16, 16, 4, 2, 8, 1, 8, 8, 16, 0, 0),
     }
     for op, call in calls.items():
         with pytest.raises(RuntimeError, match=rf"moe_kernels\._C\.{op}: .*CUDA"):
@@ -86,7 +86,7 @@ def test_the_no_gpu_error_names_its_cause():
     if not hasattr(c, "load_images"):
         pytest.skip("moe_kernels._C predates csrc/ (no load_images): rebuild it (pip install -e .)")
     want = "no NVIDIA driver is installed" if c.driver_version() == 0 else "no usable CUDA device"
-    for call in (lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0), lambda: c.load_images(0),
+    for call in (lambda: c.permute_rows(16, 16, 16, 16, 4, 8, 2, 4, 4, 16, 0, 0), lambda: c.load_images(0),
                  lambda: cb.load_kernels(0), lambda: cb.load_kernels()):
         with pytest.raises(RuntimeError, match=want):
             call()
@@ -101,11 +101,14 @@ def test_raw_module_rejects_bad_arguments_before_any_cuda_call():
     with pytest.raises(ValueError, match=r"route_softmax_topk: dtype"):
         c.route_softmax_topk(16, 16, 16, 16, 4, 8, 2, True, 7, 0, 0)
     with pytest.raises(ValueError, match=r"build_plan: num_padded_rows"):
-        c.build_plan(*([16] * 11), 8, 4, 8, 1, 1, 2, 5, 0, 0)
+        c.build_plan(*([16] * 12), 0, 8, 4, 8, 1, 1, 2, 5, 0, 0)
+    big = 5000  # past the one-CTA sizes: the many-CTA plan needs its scan scratch
+    with pytest.raises(ValueError, match=r"build_plan: scratch_words"):
+        c.build_plan(*([16] * 12), 10, big, 4, big, 1, 1, 2, c.max_padded_rows(big, 4, 2), 0, 0)
     with pytest.raises(ValueError, match=r"permute_rows: elem_size"):
-        c.permute_rows(16, 16, 16, 16, 4, 8, 8, 0, 0)
+        c.permute_rows(16, 16, 16, 16, 4, 8, 8, 4, 4, 16, 0, 0)
     with pytest.raises(ValueError, match=r"unpermute_rows: token_slots"):
-        c.unpermute_rows(16, 0, 0, 16, 16, 4, 2, 8, 1, 0, 0)
+        c.unpermute_rows(16, 0, 0, 16, 16, 4, 2, 8, 1, 8, 8, 16, 0, 0)
     assert c.max_padded_rows(8, 4, 2) == 12
 
 
@@ -178,7 +181,10 @@ def test_ptxas_reports_no_spills_for_any_kernel():
 @needs_ext
 def test_every_kernel_the_launchers_name_is_in_the_images():
     names = {k for k, _, _, _ in _log_entries(cops._C.ptxas_log())}
-    want = {"_plan_build_fwd_kernel", "_permute_rows_fwd_kernel_v16", "_permute_rows_fwd_kernel_s4",
+    want = {"_plan_build_fwd_kernel", "_plan_hist_fwd_kernel", "_plan_scan_fwd_kernel", "_plan_offsets_fwd_kernel",
+            "_plan_place_fwd_kernel", "_plan_blocks_fwd_kernel", "_plan_token_major_fwd_kernel",
+            "_plan_token_fill_fwd_kernel", "_plan_token_append_fwd_kernel", "_plan_token_sort_fwd_kernel",
+            "_permute_rows_fwd_kernel_v16", "_permute_rows_fwd_kernel_s4",
             "_permute_rows_fwd_kernel_s2"}
     for t in ("f32", "f16", "bf16"):
         for v in (1, 2, 4, 8, 16):

@@ -85,8 +85,11 @@ def kernel_plan(r: Routing, block_m: int):
     out = (_i32((e,)), _i32((e + 1,)), _i32((s,)), _i32((s,)), _i32((e + 1,)), _i32((p,)), _i32((p // block_m,)),
            _i32((t, k)))
     fill = _i32((max(t, 1),), 99)
+    words = _ext().plan_scratch_words(s, e)
+    scratch = _i32((max(words, 1),), 77)
     _ext().build_plan(r.slot_expert.data_ptr(), r.slot_token.data_ptr(), *[o.data_ptr() for o in out],
-                      fill.data_ptr(), s, e, t, k, top_k, block_m, p, *_launch(r.slot_expert))
+                      fill.data_ptr(), scratch.data_ptr(), words, s, e, t, k, top_k, block_m, p,
+                      *_launch(r.slot_expert))
     torch.cuda.synchronize()
     return out
 
@@ -96,7 +99,7 @@ def kernel_permute(x, slot_token, row_slot):
         return tw.permute_rows(x, slot_token, row_slot)
     out = torch.full((row_slot.shape[0], x.shape[1]), float("nan"), dtype=x.dtype, device=DEV)
     _ext().permute_rows(x.data_ptr(), slot_token.data_ptr(), row_slot.data_ptr(), out.data_ptr(), row_slot.shape[0],
-                        x.shape[1], x.element_size(), *_launch(x))
+                        x.shape[1], x.element_size(), slot_token.shape[0], x.shape[0], 0, *_launch(x))
     torch.cuda.synchronize()
     return out
 
@@ -107,7 +110,8 @@ def kernel_unpermute(y, slot_row, token_slots, w):
     t, k = token_slots.shape
     out = torch.full((t, y.shape[1]), float("nan"), dtype=y.dtype, device=DEV)
     _ext().unpermute_rows(y.data_ptr(), 0 if slot_row is None else slot_row.data_ptr(), token_slots.data_ptr(),
-                          w.data_ptr(), out.data_ptr(), t, k, y.shape[1], CODE[y.dtype], *_launch(y))
+                          w.data_ptr(), out.data_ptr(), t, k, y.shape[1], CODE[y.dtype], w.shape[0], y.shape[0], 0,
+                          *_launch(y))
     torch.cuda.synchronize()
     return out
 

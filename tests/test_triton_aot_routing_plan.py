@@ -72,9 +72,9 @@ PLAN_MULTI_KERNELS = ("_plan_hist_fwd_kernel", "_plan_scan_fwd_kernel", "_plan_o
                       "_plan_token_fill_fwd_kernel", "_plan_token_append_fwd_kernel", "_plan_token_sort_fwd_kernel")
 
 
-def _plan_multi(name, e, arch):
+def _plan_multi(name, e, arch, k=16):
     kernel = getattr(TM, name)
-    cfg = TM.multi_config(e, 64, 16)
+    cfg = TM.multi_config(e, 64, k)
     names = kernel.arg_names
     ce = {n: v for n, v in dict(cfg, BLOCK_M=64, NUM_LEVELS=2, E_TILE=cfg["E_TILE"]).items() if n in names}
     if name == "_plan_offsets_fwd_kernel":
@@ -106,6 +106,8 @@ def _all_jobs():
     for e, arch in PLAN_MULTI:
         for name in PLAN_MULTI_KERNELS:
             jobs[("plan-multi", name, e, arch)] = _plan_multi(name, e, arch)
+    for k in (1024, 4096):  # expert-choice rows of up to MULTI_MAX_K slots, sorted as one tile
+        jobs[("plan-sort", k)] = _plan_multi("_plan_token_sort_fwd_kernel", 256, 90, k=k)
     for arch in ARCHS:
         for dt in FLOATS:
             jobs[("bwd", dt, arch)] = _routing_bwd(dt, arch)
@@ -173,6 +175,11 @@ def test_plan(compiled, e, token_major, arch):
 def test_plan_many_programs(compiled, name, e, arch):
     # every kernel of the prefill plan compiles, fits and keeps out of register spills
     _check(_get(compiled, ("plan-multi", name, e, arch)), arch)
+
+
+@pytest.mark.parametrize("k", [1024, 4096])
+def test_plan_token_sort_wide_rows(compiled, k):
+    _check(_get(compiled, ("plan-sort", k)), 90)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

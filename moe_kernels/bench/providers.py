@@ -176,12 +176,19 @@ def _layer_provider(name: str) -> Provider:
     return Provider(f"{name}:layer", fwd, _backend_check(name))
 
 
-def _routing_provider(name: str) -> Provider:
+def _routing_provider(name: str, plan_only: bool = False) -> Provider:
+    """``<backend>:routing``: routing + dispatch plan from the logits; ``<backend>:plan``:
+    the plan alone on the precomputed routing (one launch at decode sizes, the
+    many-program pipeline at prefill sizes: time it at T = 1, 128, 8192, 65536 with
+    ``--tokens``)."""
     def fwd(shape, w, inp):
         impl = get_backend(name, inp.x.device)
+        if plan_only:
+            return (lambda: impl.plan(inp.routing, w.params).sorted_slot, [])
         opts = {"top_k": shape.top_k}
         return (lambda: impl.plan(impl.route(inp.logits, "softmax_topk", opts), w.params).sorted_slot, [])
-    return Provider(f"{name}:routing", fwd, _backend_check(name), roofline=False, fwd_only=True)
+    return Provider(f"{name}:{'plan' if plan_only else 'routing'}", fwd, _backend_check(name), roofline=False,
+                    fwd_only=True)
 
 
 def _reference_forward(shape, w, inp):
@@ -299,7 +306,7 @@ def _grouped_mm_forward(shape, w, inp):
 def _all_providers() -> dict[str, Provider]:
     provs = []
     for b in BACKEND_NAMES:
-        provs += [_experts_provider(b), _layer_provider(b), _routing_provider(b)]
+        provs += [_experts_provider(b), _layer_provider(b), _routing_provider(b), _routing_provider(b, plan_only=True)]
     provs += [Provider("reference", _reference_forward, loop_per_expert=True),
               _hf_provider("eager"), _hf_provider("grouped_mm"),
               Provider("grouped_mm", _grouped_mm_forward, _grouped_mm_check)]
@@ -318,7 +325,7 @@ def default_providers(device: torch.device) -> list[str]:
     names = []
     for b, reason in available_backends(device).items():
         if reason is None:
-            names += [b, f"{b}:layer", f"{b}:routing"]
+            names += [b, f"{b}:layer", f"{b}:routing", f"{b}:plan"]
     return names + ["reference", "hf_eager", "hf_grouped_mm", "grouped_mm"]
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..._checks import FLOAT_DTYPES, check_tensor
+from ..._checks import FLOAT_DTYPES, check_tensor, value_checks_enabled
 from ...activations import apply_activation
 from ...plan import DispatchPlan
 from ...primitives import grouped_linear
@@ -22,13 +22,25 @@ from .extension import _ACT_DTYPES, _DTYPE_CODE, _check_index, _check_same_devic
 __all__ = ["permute_rows", "unpermute_rows", "experts_permuted"]
 
 
+def _raise_on_bad_index(op: str, bad: torch.Tensor, what: str) -> None:
+    """The kernels drop a row whose index is out of range and set ``bad``; reading it is
+    a host sync, so it is read where value checks are on (MOE_KERNELS_DEBUG=1) and never
+    inside CUDA-graph capture. Without checks the row is zero / the cell skipped, and
+    the CUDA context survives (an unchecked index would be an illegal-address fault)."""
+    if value_checks_enabled(bad) and not torch.cuda.is_current_stream_capturing() and int(bad.item()):
+        raise ValueError(f"moe_kernels_cuda::{op}: {what}: expected indices in range, got an out-of-range index "
+                         "(the kernel dropped its row)")
+
+
 @torch.library.custom_op("moe_kernels_cuda::permute_rows", mutates_args=(), device_types="cuda")
 def _permute_op(x: torch.Tensor, slot_token: torch.Tensor, row_slot: torch.Tensor, slot_row: Optional[torch.Tensor],
                 token_slots: Optional[torch.Tensor]) -> torch.Tensor:
     ext = _ext("permute_rows")
     out = torch.empty(row_slot.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=x.device)
     ext.permute_rows(x.data_ptr(), slot_token.data_ptr(), row_slot.data_ptr(), out.data_ptr(), row_slot.shape[0],
-                     x.shape[1], x.element_size(), *_launch_args(x))
+                     x.shape[1], x.element_size(), slot_token.shape[0], x.shape[0], bad.data_ptr(), *_launch_args(x))
+    _raise_on_bad_index("permute_rows", bad, "row_slot or slot_token")
     return out
 
 
@@ -67,8 +79,11 @@ def _unpermute_op(y: torch.Tensor, slot_row: Optional[torch.Tensor], token_slots
     ext = _ext("unpermute_rows")
     t, k = token_slots.shape
     out = torch.empty(t, y.shape[1], dtype=y.dtype, device=y.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=y.device)
     ext.unpermute_rows(y.data_ptr(), _ptr(slot_row), token_slots.data_ptr(), slot_weight.data_ptr(), out.data_ptr(),
-                       t, k, y.shape[1], _DTYPE_CODE[y.dtype], *_launch_args(y))
+                       t, k, y.shape[1], _DTYPE_CODE[y.dtype], slot_weight.shape[0], y.shape[0], bad.data_ptr(),
+                       *_launch_args(y))
+    _raise_on_bad_index("unpermute_rows", bad, "token_slots or slot_row")
     return out
 
 

@@ -19,7 +19,8 @@ import torch
 
 from ...plan import max_padded_rows
 
-__all__ = ["route_softmax_topk", "route_grouped_sigmoid_topk", "build_plan", "permute_rows", "unpermute_rows"]
+__all__ = ["route_softmax_topk", "route_grouped_sigmoid_topk", "build_plan", "build_plan_blocked", "permute_rows",
+           "unpermute_rows"]
 
 _I32 = torch.int32
 
@@ -146,6 +147,90 @@ def build_plan(slot_expert: torch.Tensor, slot_token: torch.Tensor, num_tokens: 
         token_slots = flat[:t * k].view(t, k)
     return (counts.to(_I32), offsets.to(_I32), order.to(_I32), position.to(_I32), poffs.to(_I32),
             padded_slot[:p].to(_I32), block_expert.to(_I32), token_slots.to(_I32).contiguous())
+
+
+def build_plan_blocked(slot_expert: torch.Tensor, slot_token: torch.Tensor, num_tokens: int, num_experts: int,
+                       max_slots_per_token: int, top_k: int, block_m: int, chunk: int = 256, scan_rows: int = 128,
+                       append_order: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`build_plan` computed the way the many-CTA kernels of csrc/plan.cu compute it,
+    step by step (a: histogram per chunk of ``chunk`` slots; b: exclusive scans within
+    groups of ``scan_rows`` rows, level after level; c: offsets from the totals; d: each
+    slot's position = its bucket's offset + the level entries of its chunk + its stable
+    rank in the chunk; e: block map and padding by searchsorted per row; f: token rows
+    appended in ``append_order`` (any permutation of the slots: the atomics' order) and
+    then sorted). Same outputs as :func:`build_plan`, bit for bit; the CPU check of the
+    kernels' decomposition (the kernels themselves run on a GPU only)."""
+    s, e, t, k, bm = slot_expert.shape[0], num_experts, num_tokens, max_slots_per_token, block_m
+    dev, w, long = slot_expert.device, num_experts + 1, torch.long
+    se = slot_expert.long()
+    bucket = torch.where((se >= 0) & (se < e), se, torch.full_like(se, e))
+    slots = torch.arange(s, device=dev)
+    nbk = -(-s // chunk)
+    chunk_of = slots // chunk
+    # a. histogram per chunk
+    key = chunk_of * w + bucket
+    hist = torch.zeros(nbk * w, dtype=long, device=dev).scatter_add_(0, key, torch.ones_like(key)).view(nbk, w)
+    # b. levels of in-group exclusive scans; c. totals -> offsets
+    levels, x = [], hist
+    while x.shape[0] > 1:
+        r, g = x.shape[0], -(-x.shape[0] // scan_rows)
+        grouped = torch.zeros(g * scan_rows, w, dtype=long, device=dev)
+        grouped[:r] = x
+        grouped = grouped.view(g, scan_rows, w)
+        inclusive = grouped.cumsum(1)
+        levels.append((inclusive - grouped).view(-1, w)[:r])
+        x = inclusive[:, -1]
+    totals = x[0] if nbk else torch.zeros(w, dtype=long, device=dev)
+    offsets = totals.cumsum(0) - totals
+    counts = totals[:e]
+    padded = (counts + bm - 1) // bm * bm
+    poffs = torch.zeros(w, dtype=long, device=dev)
+    poffs[1:] = padded.cumsum(0)
+    # d. placement: chunk base from the levels, rank among the chunk's slots of the bucket
+    base = offsets.unsqueeze(0).repeat(nbk, 1)
+    chunks = torch.arange(nbk, device=dev)
+    for depth, level in enumerate(levels):
+        base += level[chunks // scan_rows ** depth]
+    by_key = torch.sort(key, stable=True).indices
+    key_start = hist.view(-1).cumsum(0) - hist.view(-1)
+    rank = torch.empty_like(slots)
+    rank[by_key] = slots - key_start[key[by_key]]
+    position = base[chunk_of, bucket] + rank
+    order = torch.empty_like(slots)
+    order[position] = slots
+    p = max_padded_rows(s, e, bm)
+    valid = bucket < e
+    padded_slot = torch.full((p,), -1, dtype=long, device=dev)
+    padded_slot[(poffs[bucket] + position - offsets[bucket])[valid]] = slots[valid]
+    # e. per padded row: its segment, padding, block_expert at each block's first row
+    rows = torch.arange(p, device=dev)
+    seg = torch.searchsorted(poffs[1:].contiguous(), rows, right=True)
+    used = seg < e
+    safe = seg.clamp(max=e - 1)
+    padding = ~used | (rows - poffs[safe] >= counts[safe])
+    if bool((padded_slot[padding] != -1).any()) or bool((padded_slot[~padding] < 0).any()):
+        raise AssertionError("placement and padding rows overlap")  # steps d and e write disjoint rows
+    block_expert = torch.where(used, seg, torch.full_like(seg, -1))[::bm]
+    # f. token table
+    if top_k > 0:
+        token_slots = torch.full((t, k), -1, dtype=long, device=dev)
+        token_slots[:, :top_k] = torch.where(valid, slots, torch.full_like(slots, -1)).view(t, top_k)
+    else:
+        tok = slot_token.long()
+        live = valid & (tok >= 0) & (tok < t)
+        flat = torch.full((t * k + 1,), -1, dtype=long, device=dev)
+        fill = torch.zeros(t + 1, dtype=long, device=dev)
+        for i in (append_order if append_order is not None else slots).tolist():  # the atomics, one by one
+            if live[i]:
+                c = int(fill[tok[i]])
+                fill[tok[i]] += 1
+                if c < k:
+                    flat[int(tok[i]) * k + c] = i
+        table = flat[:t * k].view(t, k)
+        token_slots = torch.sort(torch.where(table < 0, s, table), dim=1).values
+        token_slots = torch.where(token_slots == s, -1, token_slots)
+    return (counts.to(_I32), offsets.to(_I32), order.to(_I32), position.to(_I32), poffs.to(_I32),
+            padded_slot.to(_I32), block_expert.to(_I32), token_slots.to(_I32).contiguous())
 
 
 def permute_rows(x: torch.Tensor, slot_token: torch.Tensor, row_slot: torch.Tensor,
