@@ -150,3 +150,29 @@ def test_split_k_is_bitwise_repeatable_whoever_arrives_last(split):
     assert_close(runs[0][1], out1, 1e-5, "split vs unsplit out")
     g_ref = grouped_gemm_torch(x, w13, plan, a_rows="token", epilogue="act", activation=act, config=base).c
     assert_close(runs[0][2][valid], g_ref[valid], 1e-5, "split GEMM1 vs the twin")
+
+
+def test_tune_writes_a_table_that_the_loader_reads(tmp_path):
+    """``tune`` end to end on a tiny shape in the interpreter, with a stand-in timer
+    (each candidate runs once; later ones are reported faster, so the last one wins):
+    the written table round-trips and its entries are what the sweep picked."""
+    from moe_kernels.backends.triton import tables
+    from moe_kernels.backends.triton.tune import candidates, tune
+    from moe_kernels.bench.roofline import ModelShape
+    from moe_kernels.backends.triton.configs import gemm_config
+    shape = ModelShape("tiny", 4, 2, 64, 32)
+    ran = []
+
+    def timer(fn):
+        fn()
+        ran.append(1)
+        return 1.0 / len(ran)
+    entries = tune([shape], [3], "cpu", torch.float32, timer=timer, max_candidates=2, log=lambda *a: None)
+    assert len(ran) == 2 * 3  # two GEMMs x (the heuristic + two candidates)
+    base = gemm_config(4, 32, 64, torch.float32, (0, 0), 16, gated_b=True)
+    want = candidates(base, (0, 0), 4, 2)[1]
+    key = tables.entry_key(4, 32, 64, torch.float32, 16, "gemm1")
+    assert entries[key] == {f: getattr(want, f) for f in tables.TILE_FIELDS}
+    t = tables.write_table(tmp_path / "tuned.json", gpu="cpu-test", capability=(9, 0), num_sms=132,
+                           source="test", entries=entries)
+    assert tables.lookup((9, 0), 132, 4, 32, 64, torch.float32, 16, "gemm1", tables=(t,)) == entries[key]

@@ -31,7 +31,7 @@ __all__ = ["candidates", "tune", "snapshot_entries", "SNAPSHOT_GPUS", "add_tune_
 # The shipped tables: (file, GPU names, capability, SM count).
 SNAPSHOT_GPUS = (("h100_h200.json", "H100/H200", (9, 0), 132), ("a100.json", "A100", (8, 0), 108),
                  ("b200.json", "B200", (10, 0), 148))
-SNAPSHOT_TOKENS = (1, 16, 128, 1024, 8192)
+SNAPSHOT_TOKENS = (1, 16, 128, 512, 1024, 8192)
 
 
 def candidates(base: GemmConfig, capability: tuple[int, int], esize: int, b_tiles: int) -> list[GemmConfig]:
