@@ -78,6 +78,11 @@ def _check(jobs, results):
         seen.add((regime, arch))
         where = f"{_where(r)} BLOCK_M={bm} split={split} tma={tma} persistent={persistent}"
         assert r["shared"] <= r["limit"], f"{where}: {r['shared']} B of shared memory > {r['limit']}"
+        # The heuristic's estimate is what the compiler allocates (+ TMA barriers).
+        b_tiles = 2 if (spec["EPI"][1] == 1 and spec["TWO_DOTS"][1]) else 1
+        cap = {80: (8, 0), 90: (9, 0), 100: (10, 0)}[arch]
+        est = configs.pipeline_shared_bytes(cap, bm, spec["B_TILE_N"][1], spec["BLOCK_K"][1], 2, b_tiles, job[4])
+        assert est <= r["shared"] <= est + 1024, f"{where}: estimate {est} B, compiled {r['shared']} B"
         if r["local"] is not None:
             assert r["local"] == 0, f"{where}: {r['local']} B of local memory (spills), {r['regs']} regs"
         if bm <= 32:

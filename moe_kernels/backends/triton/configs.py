@@ -152,9 +152,10 @@ def pipeline_shared_bytes(capability: tuple[int, int], block_m: int, block_n: in
                           b_tiles: int, stages: int) -> int:
     """Shared memory of the GEMM's software pipeline: one A tile and ``b_tiles`` B tiles
     per buffer. Triton's pipeliner keeps ``stages`` buffers with wgmma / tcgen05
-    (sm_90, sm_10x) and ``stages - 1`` with mma.sync + cp.async (sm_8x, sm_12x); checked
-    against the compiled kernels by tests/test_triton_aot_gemm.py."""
-    buffers = stages if capability[0] in (9, 10) else stages - 1
+    (sm_90, sm_10x, 64 rows and more) and ``stages - 1`` with mma.sync + cp.async (sm_8x,
+    sm_12x, and 16/32-row tiles everywhere); checked against the compiled kernels by
+    tests/test_triton_aot_gemm.py and tests/test_triton_aot_regimes.py."""
+    buffers = stages if (capability[0] in (9, 10) and block_m >= 64) else stages - 1
     return buffers * (block_m * block_k + b_tiles * block_n * block_k) * esize
 
 
