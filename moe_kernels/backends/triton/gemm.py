@@ -10,7 +10,7 @@ a copy. ``A`` rows are gathered inside the kernel (``A_ROWS``): ``token`` reads
 ``A[padded_slot[r]]``, ``padded`` reads ``A[r]``. Outputs go to slot order (``[S, .]``,
 what the combine and the weight gradients index) or padded order.
 
-Pipeline (ops.py runs it):
+Pipeline (experts.py runs it):
 
 ====================  ============  =====================================================
 GEMM                  A (rows)      epilogue
@@ -28,16 +28,26 @@ dGEMM1 dh13 W13       dh13 (slot)   -> dx_slot [S, H], fused combine into dx [T,
 ====================  ============  =====================================================
 
 Backward saves x, the weights, the plan and h13 (the pre-activation, [S, nI]); with
-``recompute_h`` it saves no h13 and reruns GEMM1 without the activation (see ops.py).
+``recompute_h`` it saves no h13 and reruns GEMM1 without the activation (see experts.py).
+
+Schedules (the config's regime, configs.py; pieces in gemm_parts.py): one program per
+(row block, N tile); ``SPLIT_K > 1`` (decode) adds a grid axis of K ranges whose fp32
+partials the last-arriving program sums in split order before the epilogue (bitwise
+deterministic); ``PERSISTENT`` (prefill, sm_90+) launches ``num_SMs`` programs that loop
+over the tiles; ``USE_TMA`` (sm_90+) loads the weight tiles through a tensor descriptor.
+The A rows are always gathered through the plan with pointer loads.
 
 Fused combine (combine.py): the program that completes a token's last slot sums the
 token's rows in ``token_slots`` order (int32 counters, no float atomics, bitwise
 deterministic); the previous kernel's prologue zeroes the counters and the rows of
 tokens with no valid slot, so a layer forward is routing + plan + GEMM1 + GEMM2 = 4
-launches. ``combine="none"`` leaves ``y`` for the separate combine kernel.
+launches. That hand-off is a :class:`Prologue` object: the launch that runs it marks it,
+the fused launch (``combine_from=``) refuses one that has not run or belongs to another
+output and consumes it; without one, the fused launch zeroes its own counters and empty
+rows. ``combine="none"`` leaves ``y`` for the separate combine kernel.
 
 Numerics: fp32 accumulation, the activation in fp32, outputs rounded to their buffer's
-dtype; row offsets and expert offsets in int64.
+dtype; row offsets and expert offsets in int64, the prologue's grid-stride loops too.
 """
 
 from __future__ import annotations
