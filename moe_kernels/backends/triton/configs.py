@@ -255,7 +255,9 @@ def _heuristic(num_experts, n, k, dtype, capability, block_m, gated_b, heavy_epi
     if regime in ("decode", "small"):
         bn = 64 if (fine_grained or heavy_epilogue or regime == "decode") else 128
         bk = (128 if regime == "decode" else 64) if wide else 32
-        warps = 4
+        # The gated GEMM1's two 16x64 accumulators and 128-deep tiles on mma.sync + cp.async
+        # (sm_8x, sm_12x) need 8 warps: 4 spill on sm_80 with Triton 3.6.
+        warps = 8 if (gated_b and not hopper and regime == "decode") else 4
         if num_slots is not None and not heavy_epilogue:
             base = expected_blocks(num_slots, num_experts, block_m) * -(-n // bn)
             split = split_k_for(base, k, bk, num_sms)
