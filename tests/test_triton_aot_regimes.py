@@ -14,7 +14,6 @@ sm_100 under ``-m slow`` (each compile takes tens of seconds on a small CPU).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from triton_interp import import_or_skip
 

@@ -158,7 +158,6 @@ def _backward_impl(dout, x, w13, w2, b13, b2, slot_weight, pre, plan, act, inter
     i = w2.shape[2]
     s = plan.num_slots
     dev, dt = x.device, x.dtype
-    cap = capability_of(dev)
     _, need_w13, need_w2, need_b13, need_b2, _ = needs  # dx and dw always (one kernel pair)
     dx = _empty((t, h), dtype=dt, device=dev)
     dsw = _empty((s,), dtype=torch.float32, device=dev)

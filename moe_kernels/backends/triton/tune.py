@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from .configs import (GemmConfig, REGIME_BLOCK_M, capability_of, gemm_config, layer_block_m, num_sms_of,
+from .configs import (GemmConfig, capability_of, gemm_config, layer_block_m, num_sms_of,
                       pipeline_shared_bytes, regime_of, shared_limit_of)
 from .tables import TABLE_DIR, TILE_FIELDS, entry_key, write_table
 
@@ -95,7 +95,7 @@ def tune(shapes, tokens, device, dtype=torch.bfloat16, *, timer=None, max_candid
     from ...activations import Activation
     from ...routing import route
     from ...testing import random_params
-    from .gemm import Prologue, grouped_gemm
+    from .gemm import grouped_gemm
     from .plan import build_plan_triton
 
     if timer is None:
