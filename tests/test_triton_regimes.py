@@ -176,3 +176,34 @@ def test_tune_writes_a_table_that_the_loader_reads(tmp_path):
     t = tables.write_table(tmp_path / "tuned.json", gpu="cpu-test", capability=(9, 0), num_sms=132,
                            source="test", entries=entries)
     assert tables.lookup((9, 0), 132, 4, 32, 64, torch.float32, 16, "gemm1", tables=(t,)) == entries[key]
+
+
+@pytest.mark.parametrize("regime", ["decode-split3", "prefill-tma-persistent"])
+def test_layer_forward_and_backward_in_a_regime(regime, monkeypatch):
+    """The whole experts op (GEMM1 -> GEMM2 with the fused combine; backward: dGEMM2
+    with the activation backward, dGEMM1 with the combine and dw) with every GEMM on the
+    regime's config, against the torch backend: values and gradients. With TMA, the
+    backward's transposed weight views take the N-major descriptor where K is a multiple
+    of BLOCK_K (dGEMM2: K = H = 72 is not: pointers; dGEMM1: K = 2I = 80 is not either)."""
+    import moe_kernels as mk
+    from moe_kernels.backends.triton import experts as ops
+    from moe_kernels.params import expert_params
+    cfg = REGIMES[regime]
+    monkeypatch.setattr(ops, "gemm_config", lambda *a, **kw: cfg)
+    t, e, k, h, i = 13, 5, 2, 72, 40
+    routing, _ = make_routing("empty_expert", t, e, k=k)
+    plan = build_plan_torch(routing, cfg.BLOCK_M)
+    w13, w2, b13, b2 = make_weights(e, h, i, "swiglu", torch.float32, bias=True)
+    leaves = [v.clone().requires_grad_(True) for v in (w13, w2, b13, b2)]
+    x = torch.randn(t, h, device=w13.device, requires_grad=True)
+    params = expert_params(*leaves)
+    out = ops.moe_experts(x, plan, params)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *leaves], g)
+    ref_leaves = [v.clone().requires_grad_(True) for v in (w13, w2, b13, b2)]
+    xr = x.detach().clone().requires_grad_(True)
+    ref = mk.fused_experts(xr, routing, expert_params(*ref_leaves), backend="torch")
+    ref_grads = torch.autograd.grad(ref, [xr, *ref_leaves], g)
+    assert_close(out, ref, 1e-4, f"{regime}: out")
+    for got, want, name in zip(grads, ref_grads, ("dx", "dw13", "dw2", "db13", "db2")):
+        assert_close(got, want, 1e-4, f"{regime}: {name}")
