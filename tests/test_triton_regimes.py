@@ -178,19 +178,23 @@ def test_tune_writes_a_table_that_the_loader_reads(tmp_path):
     assert tables.lookup((9, 0), 132, 4, 32, 64, torch.float32, 16, "gemm1", tables=(t,)) == entries[key]
 
 
+@pytest.mark.parametrize("h,i", [pytest.param(72, 40, id="tails"), pytest.param(96, 64, id="backward-N-major-TMA")])
 @pytest.mark.parametrize("regime", ["decode-split3", "prefill-tma-persistent"])
-def test_layer_forward_and_backward_in_a_regime(regime, monkeypatch):
+def test_layer_forward_and_backward_in_a_regime(regime, h, i, monkeypatch):
     """The whole experts op (GEMM1 -> GEMM2 with the fused combine; backward: dGEMM2
     with the activation backward, dGEMM1 with the combine and dw) with every GEMM on the
     regime's config, against the torch backend: values and gradients. With TMA, the
     backward's transposed weight views take the N-major descriptor where K is a multiple
-    of BLOCK_K (dGEMM2: K = H = 72 is not: pointers; dGEMM1: K = 2I = 80 is not either)."""
+    of BLOCK_K (H = 96, 2I = 128), pointers where not (H = 72, 2I = 80)."""
     import moe_kernels as mk
     from moe_kernels.backends.triton import experts as ops
     from moe_kernels.params import expert_params
     cfg = REGIMES[regime]
     monkeypatch.setattr(ops, "gemm_config", lambda *a, **kw: cfg)
-    t, e, k, h, i = 13, 5, 2, 72, 40
+    t, e, k = 13, 5, 2
+    layouts = []
+    real = gemm_mod._tma_layout
+    monkeypatch.setattr(gemm_mod, "_tma_layout", lambda c, b: layouts.append(real(c, b)) or layouts[-1])
     routing, _ = make_routing("empty_expert", t, e, k=k)
     plan = build_plan_torch(routing, cfg.BLOCK_M)
     w13, w2, b13, b2 = make_weights(e, h, i, "swiglu", torch.float32, bias=True)
@@ -207,3 +211,5 @@ def test_layer_forward_and_backward_in_a_regime(regime, monkeypatch):
     assert_close(out, ref, 1e-4, f"{regime}: out")
     for got, want, name in zip(grads, ref_grads, ("dx", "dw13", "dw2", "db13", "db2")):
         assert_close(got, want, 1e-4, f"{regime}: {name}")
+    if cfg.USE_TMA:  # GEMM1, GEMM2, dGEMM2, dGEMM1
+        assert layouts == (["kmajor", "kmajor", "nmajor", "nmajor"] if h == 96 else ["kmajor", "kmajor", None, None])
