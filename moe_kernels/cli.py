@@ -4,7 +4,9 @@
                and every backend with the reason it is unavailable.
 ``check``      every available backend against the reference loop on fresh random
                inputs, for every router: prints max errors, exits 1 on a mismatch.
-``bench``      times the backends against the reference (CPU by default, small shapes).
+``bench``      times the backends against the reference (CPU by default, small shapes);
+               ``--explain`` adds the launch-shape model of the triton GEMMs.
+``tune``       measures the triton GEMM tiles on this GPU and writes a config table.
 ``gpu-check``  the one-shot GPU session: build, tests, reduced benchmark (see
                bench/gpu_check.sh).
 """
@@ -140,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as exc:  # the benchmark module needs nothing optional; this guards a broken install
         p.set_defaults(_bench_error=str(exc))
     p.set_defaults(func=cmd_bench)
+    try:
+        from .backends.triton.tune import add_tune_arguments, run_tune
+
+        p = sub.add_parser("tune", help="time the triton GEMM tiles on this GPU and write a config table (JSON)")
+        add_tune_arguments(p)
+        p.set_defaults(func=run_tune)
+    except ImportError:
+        pass
     try:
         from .bench.run import add_gpu_check_arguments, run_gpu_check
 

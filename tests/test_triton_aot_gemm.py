@@ -348,6 +348,22 @@ def test_row_offsets_are_64_bit(compiled):
         assert r["muls"].get("tensor<64x1xi64>", 0) > 0, f"{r['label']}: no 64-bit row multiply found {r['muls']}"
 
 
+def test_prologue_loops_are_64_bit(compiled):
+    """The prologue's grid-stride loops (counters, fp32 zeros, empty rows) run on 64-bit
+    induction variables: with int32 bounds, ``pid * 1024`` wraps past 2^21 programs and
+    the next kernel's combine counters are silently not zeroed. One i64 ``scf.for`` per
+    enabled prologue part, read from the Triton IR (the other loops: K, token_slots
+    columns, output columns, are i32)."""
+    items = [(job, r) for job, _, r in compiled["rows64"] + compiled["all"] if r.get("gemm") and "error" not in r]
+    with_pro = 0
+    for job, r in items:
+        spec = job[2]
+        parts = sum(bool(spec[f][1]) for f in ("PRO_COUNTERS", "PRO_EMPTY_ROWS", "PRO_F32"))
+        with_pro += parts > 0
+        assert r["fors"].get("i64", 0) >= parts, f"{_where(r)}: {parts} prologue loops, loop types {r['fors']}"
+    assert with_pro >= 2, "the batch must hold GEMMs with a prologue (GEMM1, dGEMM2)"
+
+
 @pytest.mark.parametrize("v", [0, 1, 16, 17, 2**40, 1.5, None, "ieee"])
 def test_specialization_mirrors_triton(v):
     """The recorder's specialisation agrees with Triton's own rule where Triton exposes it."""

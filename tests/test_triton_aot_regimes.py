@@ -14,7 +14,6 @@ sm_100 under ``-m slow`` (each compile takes tens of seconds on a small CPU).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from triton_interp import import_or_skip
 
@@ -35,6 +34,9 @@ REGIMES = {
     "medium-qwen3": ("qwen3", 64, 16384, {}),
     "prefill-mixtral": ("mixtral", 128, 32768, {}),
     "prefill-gpt-oss": ("gpt-oss", 128, 65536, {"act": "swiglu_oai", "interleaved": True, "transposed": True}),
+    # Training at prefill: the backward's four GEMMs (act_bwd with its heavy epilogue) too.
+    "prefill-mixtral-bwd": ("mixtral", 128, 32768, {"backward": True}),
+    "decode-qwen3-bwd": ("qwen3", 16, 8, {"backward": True}),
 }
 
 
@@ -54,7 +56,9 @@ def _jobs(archs) -> list:
     with pytest.MonkeyPatch.context() as mp:
         for name, (model, bm, slots, extra) in REGIMES.items():
             for arch in archs:
-                variant = {name: dict(extra, h=_H, i=_I, block_m=bm, forward_only=True, combine="fused")}
+                extra = dict(extra)
+                fwd_only = not extra.pop("backward", False)
+                variant = {name: dict(extra, h=_H, i=_I, block_m=bm, forward_only=fwd_only, combine="fused")}
                 for v in _variants(mp, variant, caps[arch], _model_config(model, slots)).values():
                     if v[1] == "_grouped_gemm_kernel":
                         jobs.append((*v, arch, "bf16"))
@@ -73,6 +77,11 @@ def _check(jobs, results):
         seen.add((regime, arch))
         where = f"{_where(r)} BLOCK_M={bm} split={split} tma={tma} persistent={persistent}"
         assert r["shared"] <= r["limit"], f"{where}: {r['shared']} B of shared memory > {r['limit']}"
+        # The heuristic's estimate is what the compiler allocates (+ TMA barriers).
+        b_tiles = 2 if (spec["EPI"][1] == 1 and spec["TWO_DOTS"][1]) else 1
+        cap = {80: (8, 0), 90: (9, 0), 100: (10, 0)}[arch]
+        est = configs.pipeline_shared_bytes(cap, bm, spec["B_TILE_N"][1], spec["BLOCK_K"][1], 2, b_tiles, job[4])
+        assert est <= r["shared"] <= est + 1024, f"{where}: estimate {est} B, compiled {r['shared']} B"
         if r["local"] is not None:
             assert r["local"] == 0, f"{where}: {r['local']} B of local memory (spills), {r['regs']} regs"
         if bm <= 32:
@@ -85,7 +94,11 @@ def _check(jobs, results):
         if arch == 80:
             assert not r["tma"], f"{where}: no TMA on sm_80"
         if regime.startswith("prefill") and arch in (90, 100):
-            assert persistent and bm == 128, where
+            # The activation backward (EPI 2, five fp32 tiles) keeps one tile per program.
+            assert bm == 128 and persistent == (spec["EPI"][1] != 2), where
+        if bm == 16:  # decode: at least two CTAs per SM (registers and shared memory)
+            assert r["regs"] is None or r["regs"] * 32 * job[3] * 2 <= 65536, where
+            assert 2 * (r["shared"] + 1024) <= 233472, where
     # Split-K really reaches the decode kernels: GEMM2 of Mixtral, both GEMMs of Qwen3.
     splits = {(job[0].split(":")[0], job[2]["EPI"][1]): job[2]["SPLIT_K"][1] for job in jobs}
     for key in (("decode-mixtral", 0), ("decode-qwen3", 0), ("decode-qwen3", 1)):

@@ -295,7 +295,6 @@ def test_dgrad_x_dw_final_and_prologue():
     w13, _, _, _ = make_weights(e, h, i, "geglu", torch.float32, bias=False)
     dh13 = torch.randn(s, 2 * i, device=DEVICE)
     wpart = torch.randn(s, 3, device=DEVICE)
-    nb = -(-h // CFG.BLOCK_N)
     dx, dw = poisoned((t, h), torch.float32), poisoned((s,), torch.float32)
     pro = Prologue.for_combine(dx, CFG.BLOCK_N, zero_f32=dw)
     pro.counters.fill_(9)

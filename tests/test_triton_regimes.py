@@ -150,3 +150,66 @@ def test_split_k_is_bitwise_repeatable_whoever_arrives_last(split):
     assert_close(runs[0][1], out1, 1e-5, "split vs unsplit out")
     g_ref = grouped_gemm_torch(x, w13, plan, a_rows="token", epilogue="act", activation=act, config=base).c
     assert_close(runs[0][2][valid], g_ref[valid], 1e-5, "split GEMM1 vs the twin")
+
+
+def test_tune_writes_a_table_that_the_loader_reads(tmp_path):
+    """``tune`` end to end on a tiny shape in the interpreter, with a stand-in timer
+    (each candidate runs once; later ones are reported faster, so the last one wins):
+    the written table round-trips and its entries are what the sweep picked."""
+    from moe_kernels.backends.triton import tables
+    from moe_kernels.backends.triton.tune import candidates, tune
+    from moe_kernels.bench.roofline import ModelShape
+    from moe_kernels.backends.triton.configs import gemm_config
+    shape = ModelShape("tiny", 4, 2, 64, 32)
+    ran = []
+
+    def timer(fn):
+        fn()
+        ran.append(1)
+        return 1.0 / len(ran)
+    entries = tune([shape], [3], "cpu", torch.float32, timer=timer, max_candidates=2, log=lambda *a: None)
+    assert len(ran) == 2 * 3  # two GEMMs x (the heuristic + two candidates)
+    base = gemm_config(4, 32, 64, torch.float32, (0, 0), 16, gated_b=True)
+    want = candidates(base, (0, 0), 4, 2)[1]
+    key = tables.entry_key(4, 32, 64, torch.float32, 16, "gemm1")
+    assert entries[key] == {f: getattr(want, f) for f in tables.TILE_FIELDS}
+    t = tables.write_table(tmp_path / "tuned.json", gpu="cpu-test", capability=(9, 0), num_sms=132,
+                           source="test", entries=entries)
+    assert tables.lookup((9, 0), 132, 4, 32, 64, torch.float32, 16, "gemm1", tables=(t,)) == entries[key]
+
+
+@pytest.mark.parametrize("h,i", [pytest.param(72, 40, id="tails"), pytest.param(96, 64, id="backward-N-major-TMA")])
+@pytest.mark.parametrize("regime", ["decode-split3", "prefill-tma-persistent"])
+def test_layer_forward_and_backward_in_a_regime(regime, h, i, monkeypatch):
+    """The whole experts op (GEMM1 -> GEMM2 with the fused combine; backward: dGEMM2
+    with the activation backward, dGEMM1 with the combine and dw) with every GEMM on the
+    regime's config, against the torch backend: values and gradients. With TMA, the
+    backward's transposed weight views take the N-major descriptor where K is a multiple
+    of BLOCK_K (H = 96, 2I = 128), pointers where not (H = 72, 2I = 80)."""
+    import moe_kernels as mk
+    from moe_kernels.backends.triton import experts as ops
+    from moe_kernels.params import expert_params
+    cfg = REGIMES[regime]
+    monkeypatch.setattr(ops, "gemm_config", lambda *a, **kw: cfg)
+    t, e, k = 13, 5, 2
+    layouts = []
+    real = gemm_mod._tma_layout
+    monkeypatch.setattr(gemm_mod, "_tma_layout", lambda c, b: layouts.append(real(c, b)) or layouts[-1])
+    routing, _ = make_routing("empty_expert", t, e, k=k)
+    plan = build_plan_torch(routing, cfg.BLOCK_M)
+    w13, w2, b13, b2 = make_weights(e, h, i, "swiglu", torch.float32, bias=True)
+    leaves = [v.clone().requires_grad_(True) for v in (w13, w2, b13, b2)]
+    x = torch.randn(t, h, device=w13.device, requires_grad=True)
+    params = expert_params(*leaves)
+    out = ops.moe_experts(x, plan, params)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *leaves], g)
+    ref_leaves = [v.clone().requires_grad_(True) for v in (w13, w2, b13, b2)]
+    xr = x.detach().clone().requires_grad_(True)
+    ref = mk.fused_experts(xr, routing, expert_params(*ref_leaves), backend="torch")
+    ref_grads = torch.autograd.grad(ref, [xr, *ref_leaves], g)
+    assert_close(out, ref, 1e-4, f"{regime}: out")
+    for got, want, name in zip(grads, ref_grads, ("dx", "dw13", "dw2", "db13", "db2")):
+        assert_close(got, want, 1e-4, f"{regime}: {name}")
+    if cfg.USE_TMA:  # GEMM1, GEMM2, dGEMM2, dGEMM1
+        assert layouts == (["kmajor", "kmajor", "nmajor", "nmajor"] if h == 96 else ["kmajor", "kmajor", None, None])

@@ -42,7 +42,7 @@ import torch
 from .roofline import SHAPES, ModelShape, expected_active_experts
 
 __all__ = ["GPUS", "GpuSpec", "ISSUE_SHAPES", "GemmLaunch", "layer_launches", "layer_estimate", "estimate_table",
-           "format_launches"]
+           "format_launches", "gpu_spec", "explain"]
 
 
 @dataclass(frozen=True)
@@ -209,3 +209,37 @@ def format_launches(launches: list[GemmLaunch], markdown: bool = False) -> str:
 
 def launches_as_dicts(launches: list[GemmLaunch]) -> list[dict]:
     return [dict(asdict(x), fraction=x.fraction) for x in launches]
+
+
+def gpu_spec(name: str | None, device: torch.device | None = None) -> GpuSpec:
+    """A named GPU of :data:`GPUS`, or this CUDA device (its capability and SM count; the
+    peaks of the named GPU of the same capability), or the H200."""
+    if name is not None:
+        if name not in GPUS:
+            raise ValueError(f"explain-gpu: expected one of {list(GPUS)}, got {name!r}")
+        return GPUS[name]
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        cap = (props.major, props.minor)
+        like = next((g for g in GPUS.values() if g.capability == cap), GPUS["h200"])
+        return GpuSpec(props.name, cap, props.multi_processor_count, like.peak_tflops, like.hbm_tbps)
+    return GPUS["h200"]
+
+
+def explain(shapes, tokens, dtype, device, gpu_name, out_dir) -> str:
+    """Print the launch-shape table and write it to ``out_dir/launch_shapes.md``."""
+    import os
+
+    gpu = gpu_spec(gpu_name, torch.device(device))
+    dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    launches = [x for sh in shapes for t in tokens for x in layer_launches(sh, t, gpu, dtype)]
+    head = (f"launch-shape model of the triton forward GEMMs on {gpu.name} (sm_{gpu.capability[0]}"
+            f"{gpu.capability[1]}, {gpu.num_sms} SMs, {gpu.peak_tflops:g} TFLOP/s, {gpu.hbm_tbps:g} TB/s), "
+            f"{str(dtype).replace('torch.', '')}; an estimate (bench/launch_shape.py), not a measurement")
+    print(head)
+    print(format_launches(launches))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "launch_shapes.md")
+    with open(path, "w") as f:
+        f.write(head + "\n\n" + format_launches(launches, markdown=True) + "\n")
+    return path

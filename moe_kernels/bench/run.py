@@ -74,6 +74,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true", help="do not write roofline.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--explain", action="store_true",
+                        help="also print and write (launch_shapes.md) the launch-shape model of the triton GEMMs "
+                             "for these shapes and T: CTAs vs SMs, waves, tiles, bytes and FLOPs per CTA")
+    parser.add_argument("--explain-only", action="store_true", help="--explain without timing anything")
+    parser.add_argument("--explain-gpu", default=None,
+                        help="GPU of the model: h200, h100, a100, b200 (default: this GPU, else h200)")
 
 
 def _int_list(name: str, spec: str) -> list[int]:
@@ -180,6 +186,15 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"moe-kernels bench: {exc}", file=sys.stderr)
         return 2
     device, dtype = cfg["device"], cfg["dtype"]
+    if args.explain or args.explain_only:
+        from .launch_shape import explain
+        try:
+            explain(cfg["shapes"], cfg["tokens"], dtype, device, args.explain_gpu, args.out)
+        except ValueError as exc:
+            print(f"moe-kernels bench: {exc}", file=sys.stderr)
+            return 2
+        if args.explain_only:
+            return 0
     dtype_name = str(dtype).replace("torch.", "")
     dbytes = torch.empty((), dtype=dtype).element_size()
     torch.manual_seed(args.seed)

@@ -111,7 +111,7 @@ def _fused_combine(c_ptr,            # [S, N] this program's y rows were just st
                    token64, row_ok, cols, col_ok, offs_n, pid_n, num_pid_n, KS, stride_cm, stride_om,
                    KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Every thread's y stores happen before the counter update (one CTA barrier, then
-    # acq_rel atomics); one atomic per row: a [BLOCK_M, BLOCK_N] pointer tile with only
+    # acq_rel atomics); one atomic per row: a [BLOCK_M, ATOM_W] pointer tile with only
     # column 0 live, so each live element has exactly one owning thread and its own
     # return value. TOP_K > 0 (a top-k routing, KS = TOP_K <= 16 columns) makes the slot
     # count and the sum over the token's slots compile-time loops that unroll.
@@ -120,9 +120,14 @@ def _fused_combine(c_ptr,            # [S, N] this program's y rows were just st
         n_valid = _count_slots(token_slots_ptr, token64, row_ok, TOP_K, KS_BLOCK, BLOCK_M)
     else:
         n_valid = _count_slots(token_slots_ptr, token64, row_ok, KS, KS_BLOCK, BLOCK_M)
-    first = row_ok[:, None] & (offs_n == 0)[None, :]
-    cnt_ptrs = counter_ptr + token64[:, None] * num_pid_n + pid_n + offs_n[None, :] * 0
-    old = tl.atomic_add(cnt_ptrs, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
+    # The atomic tile is [BLOCK_M, 32], not [BLOCK_M, BLOCK_N]: wide enough that no
+    # element is replicated across threads (BLOCK_M * 32 >= 256 threads), and a quarter
+    # of the 64-bit pointer registers of a 128-wide tile (128x128 GEMM2 tiles spilled).
+    ATOM_W: tl.constexpr = 32 if BLOCK_N >= 32 else BLOCK_N
+    offs_a = tl.arange(0, ATOM_W)
+    first = row_ok[:, None] & (offs_a == 0)[None, :]
+    cnt_ptrs = counter_ptr + token64[:, None] * num_pid_n + pid_n + offs_a[None, :] * 0
+    old = tl.atomic_add(cnt_ptrs, tl.full((BLOCK_M, ATOM_W), 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
     old_row = tl.max(tl.where(first, old, -1), axis=1)
     last = row_ok & (old_row == n_valid - 1)
     tl.debug_barrier()  # the acquiring threads' view reaches the threads that load below

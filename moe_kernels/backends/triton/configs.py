@@ -152,9 +152,10 @@ def pipeline_shared_bytes(capability: tuple[int, int], block_m: int, block_n: in
                           b_tiles: int, stages: int) -> int:
     """Shared memory of the GEMM's software pipeline: one A tile and ``b_tiles`` B tiles
     per buffer. Triton's pipeliner keeps ``stages`` buffers with wgmma / tcgen05
-    (sm_90, sm_10x) and ``stages - 1`` with mma.sync + cp.async (sm_8x, sm_12x); checked
-    against the compiled kernels by tests/test_triton_aot_gemm.py."""
-    buffers = stages if capability[0] in (9, 10) else stages - 1
+    (sm_90, sm_10x, 64 rows and more) and ``stages - 1`` with mma.sync + cp.async (sm_8x,
+    sm_12x, and 16/32-row tiles everywhere); checked against the compiled kernels by
+    tests/test_triton_aot_gemm.py and tests/test_triton_aot_regimes.py."""
+    buffers = stages if (capability[0] in (9, 10) and block_m >= 64) else stages - 1
     return buffers * (block_m * block_k + b_tiles * block_n * block_k) * esize
 
 
@@ -254,7 +255,9 @@ def _heuristic(num_experts, n, k, dtype, capability, block_m, gated_b, heavy_epi
     if regime in ("decode", "small"):
         bn = 64 if (fine_grained or heavy_epilogue or regime == "decode") else 128
         bk = (128 if regime == "decode" else 64) if wide else 32
-        warps = 4
+        # The gated GEMM1's two 16x64 accumulators and 128-deep tiles on mma.sync + cp.async
+        # (sm_8x, sm_12x) need 8 warps: 4 spill on sm_80 with Triton 3.6.
+        warps = 8 if (gated_b and not hopper and regime == "decode") else 4
         if num_slots is not None and not heavy_epilogue:
             base = expected_blocks(num_slots, num_experts, block_m) * -(-n // bn)
             split = split_k_for(base, k, bk, num_sms)

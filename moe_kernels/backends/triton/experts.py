@@ -43,9 +43,15 @@ Each op launches on its inputs' GPU and that GPU's current stream, whatever the
 current device (``on_device``: Triton launches on the current one).
 
 GEMM1 and GEMM2 are not separate ops: GEMM1's prologue prepares GEMM2's fused combine
-(zeroed counters, zero rows), a contract between two launches that an op boundary would
-expose to reordering; :func:`moe_kernels.backends.triton.gemm.grouped_gemm` is the Python-level
-launcher of each GEMM (buffers given or allocated) for anyone composing their own.
+(zeroed counters, zero rows), a hand-off between two launches that an op boundary would
+expose to reordering, so both launches live in the same op and the hand-off is a checked
+object (:class:`~moe_kernels.backends.triton.gemm.Prologue`: GEMM2 refuses one that did not
+run). :func:`moe_kernels.backends.triton.gemm.grouped_gemm` is the Python-level launcher of
+each GEMM (buffers given or allocated) for anyone composing their own.
+
+Configs (configs.py): the plan's ``block_m`` is the regime of the bucketed ``T*k``; each
+GEMM's tiles, split-K (decode), TMA and persistence (prefill, sm_90+) follow from it,
+the GEMM's (N, K), the dtype and the GPU (capability, SM count).
 """
 
 from __future__ import annotations
@@ -152,7 +158,6 @@ def _backward_impl(dout, x, w13, w2, b13, b2, slot_weight, pre, plan, act, inter
     i = w2.shape[2]
     s = plan.num_slots
     dev, dt = x.device, x.dtype
-    cap = capability_of(dev)
     _, need_w13, need_w2, need_b13, need_b2, _ = needs  # dx and dw always (one kernel pair)
     dx = _empty((t, h), dtype=dt, device=dev)
     dsw = _empty((s,), dtype=torch.float32, device=dev)

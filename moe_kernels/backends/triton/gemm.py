@@ -10,7 +10,7 @@ a copy. ``A`` rows are gathered inside the kernel (``A_ROWS``): ``token`` reads
 ``A[padded_slot[r]]``, ``padded`` reads ``A[r]``. Outputs go to slot order (``[S, .]``,
 what the combine and the weight gradients index) or padded order.
 
-Pipeline (ops.py runs it):
+Pipeline (experts.py runs it):
 
 ====================  ============  =====================================================
 GEMM                  A (rows)      epilogue
@@ -28,20 +28,31 @@ dGEMM1 dh13 W13       dh13 (slot)   -> dx_slot [S, H], fused combine into dx [T,
 ====================  ============  =====================================================
 
 Backward saves x, the weights, the plan and h13 (the pre-activation, [S, nI]); with
-``recompute_h`` it saves no h13 and reruns GEMM1 without the activation (see ops.py).
+``recompute_h`` it saves no h13 and reruns GEMM1 without the activation (see experts.py).
+
+Schedules (the config's regime, configs.py; pieces in gemm_parts.py): one program per
+(row block, N tile); ``SPLIT_K > 1`` (decode) adds a grid axis of K ranges whose fp32
+partials the last-arriving program sums in split order before the epilogue (bitwise
+deterministic); ``PERSISTENT`` (prefill, sm_90+) launches ``num_SMs`` programs that loop
+over the tiles; ``USE_TMA`` (sm_90+) loads the weight tiles through a tensor descriptor.
+The A rows are always gathered through the plan with pointer loads.
 
 Fused combine (combine.py): the program that completes a token's last slot sums the
 token's rows in ``token_slots`` order (int32 counters, no float atomics, bitwise
 deterministic); the previous kernel's prologue zeroes the counters and the rows of
 tokens with no valid slot, so a layer forward is routing + plan + GEMM1 + GEMM2 = 4
-launches. ``combine="none"`` leaves ``y`` for the separate combine kernel.
+launches. That hand-off is a :class:`Prologue` object: the launch that runs it marks it,
+the fused launch (``combine_from=``) refuses one that has not run or belongs to another
+output and consumes it; without one, the fused launch zeroes its own counters and empty
+rows. ``combine="none"`` leaves ``y`` for the separate combine kernel.
 
 Numerics: fp32 accumulation, the activation in fp32, outputs rounded to their buffer's
-dtype; row offsets and expert offsets in int64.
+dtype; row offsets and expert offsets in int64, the prologue's grid-stride loops too.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +64,7 @@ from .act import ACT_CODES
 from ...primitives import combine_slots
 from . import on_device
 from .combine import _zero_prologue, ks_block, top_k_constexpr
-from .gemm_parts import _epilogue, _mainloop, _split_reduce, _tile_coords
+from .gemm_parts import _tile, _tile_coords
 from .configs import GemmConfig, autotune_configs, capability_of, gemm_config, num_sms_of
 
 __all__ = ["ACT_CODES", "Prologue", "GemmOutputs", "grouped_gemm", "grouped_gemm_torch", "dot_precision",
@@ -160,68 +171,6 @@ def _grouped_gemm_kernel(
               A_ROWS, C_ROWS, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, B_TILE_N, HAS_BIAS, STORE_C,
               STORE_PRE, STORE_H, ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K,
               DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_TMA, B_KMAJOR)
-
-
-@triton.jit
-def _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
-          padded_slot_ptr, slot_token_ptr, slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
-          part_ptr, split_cnt_ptr,  # pointers: see _grouped_gemm_kernel
-          expert, pid_m, pid_n, pid_k, num_pid_n,
-          N, K, KS, NB, NUM_BLOCKS, NUM_WPART, k_split,
-          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_bias_e,
-          stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
-          A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, EPI: tl.constexpr, ACT: tl.constexpr,
-          GATED: tl.constexpr, INTERLEAVED: tl.constexpr, TWO_DOTS: tl.constexpr, B_TILE_N: tl.constexpr,
-          HAS_BIAS: tl.constexpr, STORE_C: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
-          ROW_SCALE: tl.constexpr, BIAS_DOT: tl.constexpr, DW_FINAL: tl.constexpr, FUSED_COMBINE: tl.constexpr,
-          KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-          USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr):
-    # One (row block, N tile[, K split]) of the grouped GEMM: gather, K loop, epilogue.
-    e64 = expert.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    prow = pid_m.to(tl.int64) * BLOCK_M + offs_m
-    slot = tl.load(padded_slot_ptr + prow)
-    row_ok = slot >= 0
-    slot64 = tl.where(row_ok, slot, 0).to(tl.int64)
-    token64 = tl.load(slot_token_ptr + slot64, mask=row_ok, other=0).to(tl.int64)
-    if A_ROWS == 0:
-        a_rows = token64
-    elif A_ROWS == 1:
-        a_rows = slot64
-    else:
-        a_rows = prow
-    if C_ROWS == 1:
-        c_rows = slot64
-    else:
-        c_rows = prow
-
-    n0 = pid_n * BLOCK_N
-    if TWO_DOTS or not GATED or EPI != 1:
-        b_row0 = n0
-        b_cols = n0 + tl.arange(0, B_TILE_N)
-        b_ok = b_cols < N
-    else:  # interleaved gate/up rows: one contiguous 2*BLOCK_N tile, split in the epilogue
-        b_row0 = 2 * n0
-        b_cols = 2 * n0 + tl.arange(0, B_TILE_N)
-        b_ok = b_cols < 2 * N
-    k_lo = pid_k * k_split
-    acc, acc2 = _mainloop(a_ptr, b_ptr, b_desc, a_rows, row_ok, expert, e64, b_cols, b_ok, b_row0, N, K, NB,
-                          k_lo, tl.minimum(K, k_lo + k_split), stride_am, stride_ak, stride_be, stride_bn, stride_bk,
-                          TWO_DOTS, B_TILE_N, USE_TMA, B_KMAJOR, SPLIT_K > 1, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_K)
-    if SPLIT_K > 1:
-        acc, acc2, last = _split_reduce(acc, acc2, part_ptr, split_cnt_ptr, pid_m * num_pid_n + pid_n, pid_k,
-                                        NUM_BLOCKS * num_pid_n, TWO_DOTS, SPLIT_K, BLOCK_M, B_TILE_N)
-    else:
-        last = True
-    if last:
-        _epilogue(acc, acc2, a_ptr, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
-                  slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
-                  a_rows, c_rows, slot64, token64, row_ok, e64, b_cols, b_ok, n0, pid_n, num_pid_n,
-                  N, K, KS, NUM_WPART,
-                  stride_am, stride_ak, stride_cm, stride_bias_e, stride_pm, stride_hm, stride_bd_e, stride_om,
-                  alpha, limit, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, HAS_BIAS, STORE_C, STORE_PRE, STORE_H,
-                  ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -437,23 +386,26 @@ def _tma_layout(cfg: GemmConfig, b: torch.Tensor) -> str | None:
 
 
 
-_ALLOCATOR_SET = []
-
-
 def _ensure_allocator() -> None:
     """Device-side tensor descriptors need 128 bytes of global scratch per program, from
-    Triton's allocator; set one (torch's caching allocator) unless the process has one."""
-    if _ALLOCATOR_SET:
-        return
+    Triton's allocator (a context variable: per thread); set one (torch's caching
+    allocator, CUDA-graph safe) where none is set, never replacing a caller's."""
     try:
         from triton.runtime import _allocation
-        current = _allocation._allocator.get()
-        null = isinstance(current, _allocation.NullAllocator)
-    except (ImportError, AttributeError):
-        null = True
-    if null:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _ALLOCATOR_SET.append(True)
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another layout: set ours once per thread
+        if getattr(_THREAD, "allocator_set", False):
+            return
+        _THREAD.allocator_set = True
+    triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_THREAD = threading.local()
 
 
 def grouped_gemm(
@@ -479,7 +431,7 @@ def grouped_gemm(
                           dw_final=dw_final, combine=combine, c=c, h=h, dw=dw, out=out, config=config)
     act, e, k = activation, b.shape[0], b.shape[2]
     gated = bool(act is not None and act.gated)
-    s, t, num_pid_n = plan.slot_token.shape[0], plan.num_tokens, triton.cdiv(n, cfg.BLOCK_N)
+    t, num_pid_n = plan.num_tokens, triton.cdiv(n, cfg.BLOCK_N)
     pro = prologue or Prologue()
     nblocks = plan.block_expert.shape[0]
     num_tiles = nblocks * num_pid_n
@@ -496,7 +448,10 @@ def grouped_gemm(
     two_dots = epilogue == "act" and gated and not interleaved
     b_tile_n = 2 * cfg.BLOCK_N if (epilogue == "act" and gated and interleaved) else cfg.BLOCK_N
     split = cfg.SPLIT_K
-    k_split = triton.cdiv(triton.cdiv(k, split), cfg.BLOCK_K) * cfg.BLOCK_K
+    tuned = a.is_cuda and autotune
+    # Each split's K range is whole BLOCK_K steps (of every BLOCK_K autotune may pick: 128).
+    step = max(cfg.BLOCK_K, 128) if tuned else cfg.BLOCK_K
+    k_split = triton.cdiv(triton.cdiv(k, split), step) * step
     if split > 1:
         part = torch.empty((split, num_tiles, cfg.BLOCK_M, b_tile_n * (2 if two_dots else 1)), dtype=torch.float32,
                            device=a.device)
@@ -545,7 +500,7 @@ def grouped_gemm(
     with on_device(a):
         if use_tma and a.is_cuda:
             _ensure_allocator()
-        if a.is_cuda and autotune:
+        if tuned:
             _autotuned()[grid](*args, **meta)
         else:
             _grouped_gemm_kernel[grid](*args, **meta, BLOCK_K=cfg.BLOCK_K, EVEN_K=k % cfg.BLOCK_K == 0,
@@ -577,7 +532,7 @@ def grouped_gemm_torch(
                           interleaved=interleaved, bias=bias, row_scale=row_scale, store_c=store_c,
                           store_pre=store_pre, store_h=store_h, pre=pre, bias_dot=bias_dot, wpart=wpart,
                           dw_final=dw_final, combine=combine, c=c, h=h, dw=dw, out=out, config=config)
-    act, s, t, dev, dt = activation, plan.slot_token.shape[0], plan.num_tokens, a.device, a.dtype
+    act, t, dev, dt = activation, plan.num_tokens, a.device, a.dtype
     nb, num_pid_n = b.shape[1], triton.cdiv(n, cfg.BLOCK_N)
 
     padded = plan.padded_slot.long()

@@ -271,3 +271,65 @@ def _epilogue(acc, acc2,
         if FUSED_COMBINE:
             _fused_combine(c_ptr, token_slots_ptr, counter_ptr, out_ptr, token64, row_ok, cols, col_ok, offs_n,
                            pid_n, num_pid_n, KS, stride_cm, stride_om, KS_BLOCK, TOP_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _tile(a_ptr, b_ptr, b_desc, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
+          padded_slot_ptr, slot_token_ptr, slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
+          part_ptr, split_cnt_ptr,  # pointers: see _grouped_gemm_kernel
+          expert, pid_m, pid_n, pid_k, num_pid_n,
+          N, K, KS, NB, NUM_BLOCKS, NUM_WPART, k_split,
+          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_bias_e,
+          stride_pm, stride_hm, stride_bd_e, stride_om, alpha, limit,
+          A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, EPI: tl.constexpr, ACT: tl.constexpr,
+          GATED: tl.constexpr, INTERLEAVED: tl.constexpr, TWO_DOTS: tl.constexpr, B_TILE_N: tl.constexpr,
+          HAS_BIAS: tl.constexpr, STORE_C: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
+          ROW_SCALE: tl.constexpr, BIAS_DOT: tl.constexpr, DW_FINAL: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+          KS_BLOCK: tl.constexpr, TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+          USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr):
+    # One (row block, N tile[, K split]) of the grouped GEMM: gather, K loop, epilogue.
+    e64 = expert.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    prow = pid_m.to(tl.int64) * BLOCK_M + offs_m
+    slot = tl.load(padded_slot_ptr + prow)
+    row_ok = slot >= 0
+    slot64 = tl.where(row_ok, slot, 0).to(tl.int64)
+    token64 = tl.load(slot_token_ptr + slot64, mask=row_ok, other=0).to(tl.int64)
+    if A_ROWS == 0:
+        a_rows = token64
+    elif A_ROWS == 1:
+        a_rows = slot64
+    else:
+        a_rows = prow
+    if C_ROWS == 1:
+        c_rows = slot64
+    else:
+        c_rows = prow
+
+    n0 = pid_n * BLOCK_N
+    if TWO_DOTS or not GATED or EPI != 1:
+        b_row0 = n0
+        b_cols = n0 + tl.arange(0, B_TILE_N)
+        b_ok = b_cols < N
+    else:  # interleaved gate/up rows: one contiguous 2*BLOCK_N tile, split in the epilogue
+        b_row0 = 2 * n0
+        b_cols = 2 * n0 + tl.arange(0, B_TILE_N)
+        b_ok = b_cols < 2 * N
+    k_lo = pid_k * k_split
+    acc, acc2 = _mainloop(a_ptr, b_ptr, b_desc, a_rows, row_ok, expert, e64, b_cols, b_ok, b_row0, N, K, NB,
+                          k_lo, tl.minimum(K, k_lo + k_split), stride_am, stride_ak, stride_be, stride_bn, stride_bk,
+                          TWO_DOTS, B_TILE_N, USE_TMA, B_KMAJOR, SPLIT_K > 1, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_K)
+    if SPLIT_K > 1:
+        acc, acc2, last = _split_reduce(acc, acc2, part_ptr, split_cnt_ptr, pid_m * num_pid_n + pid_n, pid_k,
+                                        NUM_BLOCKS * num_pid_n, TWO_DOTS, SPLIT_K, BLOCK_M, B_TILE_N)
+    else:
+        last = True
+    if last:
+        _epilogue(acc, acc2, a_ptr, c_ptr, bias_ptr, pre_ptr, h_ptr, wpart_ptr, bias_dot_ptr, dw_ptr,
+                  slot_weight_ptr, token_slots_ptr, counter_ptr, out_ptr,
+                  a_rows, c_rows, slot64, token64, row_ok, e64, b_cols, b_ok, n0, pid_n, num_pid_n,
+                  N, K, KS, NUM_WPART,
+                  stride_am, stride_ak, stride_cm, stride_bias_e, stride_pm, stride_hm, stride_bd_e, stride_om,
+                  alpha, limit, EPI, ACT, GATED, INTERLEAVED, TWO_DOTS, HAS_BIAS, STORE_C, STORE_PRE, STORE_H,
+                  ROW_SCALE, BIAS_DOT, DW_FINAL, FUSED_COMBINE, KS_BLOCK, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K)

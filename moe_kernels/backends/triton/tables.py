@@ -2,7 +2,7 @@
 
 A table is a JSON object::
 
-    {"version": 1, "gpu": "H100/H200", "capability": [9, 0], "num_sms": 132,
+    {"version": 1, "gpu": "H100/H200", "capability": [9, 0], "num_sms": 132, "measured": true,
      "source": "how the entries were chosen (tuned on a GPU, or the heuristic)",
      "entries": {"E=8,N=14336,K=4096,dtype=bf16,BLOCK_M=16,gemm=gemm1":
                  {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "SPLIT_K": 1, ...}}}
@@ -10,9 +10,15 @@ A table is a JSON object::
 Keys are static shapes: experts, the GEMM's N and K, the dtype, the plan's ``BLOCK_M``
 (the regime) and the GEMM (``gemm1``, ``gemm2``, ``dgemm2``, ``dgemm1``). A table
 applies to the GPUs of its compute capability; ``moe-kernels tune`` writes one
-(:func:`write_table`) and ``MOE_KERNELS``-free lookup order is: the tables shipped in
-this package, newest ``version`` first. An entry replaces the heuristic's tile fields
+(:func:`write_table`, ``"measured": true``). Only measured tables are looked up (the
+shipped ones, newest ``version`` first): an entry replaces the heuristic's tile fields
 (never ``BLOCK_M``, which is the plan's); a missing key keeps the heuristic.
+
+The shipped files (H100/H200, A100, B200) start as *snapshots* of the heuristic for the
+benchmark's model shapes (``"measured": false``): no GPU has run them yet, so they
+override nothing; a test keeps them equal to the heuristic, and the first GPU run's
+``moe-kernels tune`` output replaces them (``python -m
+moe_kernels.backends.triton.tune --snapshot`` regenerates the snapshots).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ def load_table(path: str | Path) -> dict:
     with open(path) as f:
         data = json.load(f)
     where = str(path)
-    for field in ("version", "gpu", "capability", "num_sms", "source", "entries"):
+    for field in ("version", "gpu", "capability", "num_sms", "measured", "source", "entries"):
         if field not in data:
             raise ValueError(f"{where}: missing field {field!r}")
     cap = data["capability"]
@@ -65,7 +71,7 @@ def _shipped() -> tuple[dict, ...]:
     if not TABLE_DIR.is_dir():
         return ()
     tables = [load_table(p) for p in sorted(TABLE_DIR.glob("*.json"))]
-    return tuple(sorted(tables, key=lambda t: -int(t["version"])))
+    return tuple(sorted((t for t in tables if t["measured"] is True), key=lambda t: -int(t["version"])))
 
 
 def lookup(capability: tuple[int, int], num_sms: int, num_experts: int, n: int, k: int, dtype: torch.dtype,
@@ -79,10 +85,11 @@ def lookup(capability: tuple[int, int], num_sms: int, num_experts: int, n: int, 
 
 
 def write_table(path: str | Path, *, gpu: str, capability: tuple[int, int], num_sms: int, source: str,
-                entries: dict[str, dict], version: int = 1) -> dict:
+                entries: dict[str, dict], measured: bool = True, version: int = 1) -> dict:
     """Write a table (``moe-kernels tune``); returns it as :func:`load_table` reads it back."""
     data = {"version": version, "gpu": gpu, "capability": list(capability), "num_sms": int(num_sms),
-            "source": source, "entries": {k: dict(v) for k, v in sorted(entries.items())}}
+            "measured": bool(measured), "source": source,
+            "entries": {k: dict(v) for k, v in sorted(entries.items())}}
     for key, entry in data["entries"].items():
         _check_entry(key, entry, str(path))
     with open(path, "w") as f:
