@@ -119,11 +119,16 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
     s, k = a.shape
     e, n, _ = w.shape
     v = offs[-1]
+    # Weights stored transposed ([E, K, N], GPT-OSS): write their gradient in that layout
+    # (a^T g per expert), so autograd accumulates it without a strided copy.
+    stored_t = w.stride(-2) == 1 and w.stride(-1) != 1
     if method == "grouped_mm":
         ga = torch._grouped_mm(g, w, offs=offs_t[1:])
-        ga[v:] = 0
+        if v < s:
+            ga[v:] = 0
         gt = g.t()
-        gw = torch._grouped_mm(gt, a, offs=offs_t[1:])
+        gw = (torch._grouped_mm(a.t(), g, offs=offs_t[1:]).transpose(-2, -1) if stored_t
+              else torch._grouped_mm(gt, a, offs=offs_t[1:]))
         gb = torch._grouped_mm(gt, g.new_ones(s, 16 // g.element_size()), offs=offs_t[1:])[..., 0] if has_bias else None
         empty = [ex for ex in range(e) if offs[ex + 1] == offs[ex]]
         if empty:  # no rows: no mm ran for these experts
@@ -133,11 +138,14 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
                 gb.index_fill_(0, idx, 0)
         return ga, gw, gb
     ga = g.new_zeros(s, k)
-    gw = w.new_zeros(e, n, k)
+    gw = w.new_zeros(e, k, n).transpose(-2, -1) if stored_t else w.new_zeros(e, n, k)
     gb = w.new_zeros(e, n) if has_bias else None
     for ex, lo, hi in _active(offs):
         torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
-        torch.mm(g[lo:hi].t(), a[lo:hi], out=gw[ex])
+        if stored_t:
+            torch.mm(a[lo:hi].t(), g[lo:hi], out=gw[ex].t())
+        else:
+            torch.mm(g[lo:hi].t(), a[lo:hi], out=gw[ex])
         if gb is not None:
             torch.sum(g[lo:hi], 0, out=gb[ex])
     return ga, gw, gb
@@ -175,7 +183,7 @@ def _(a, w, b, offs_t, method):
 def _grouped_linear_bwd_op(g: torch.Tensor, a: torch.Tensor, w: torch.Tensor, has_bias: bool, offs_t: torch.Tensor,
                            method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ga, gw, gb = _bwd_impl(g.contiguous(), a, w, has_bias, offs_t, offs_t.tolist(), method)
-    return ga, gw, (gb if gb is not None else w.new_zeros(0))
+    return ga, gw.contiguous(), (gb if gb is not None else w.new_zeros(0))  # strides as the fake's
 
 
 @_grouped_linear_bwd_op.register_fake
