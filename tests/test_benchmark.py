@@ -435,4 +435,4 @@ def test_time_side_by_side_interleaves_and_reports_errors():
     assert isinstance(out["a"], Timing) and isinstance(out["b"], Timing) and out["a"].samples == 4
     assert isinstance(out["bad"], RuntimeError)
     timed = order[2:]  # after one warm-up call of a and of b
-    assert timed == ["a", "b"] * 4  # round-robin: one sample of each provider per round
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]  # one sample of each per round, first one rotating
