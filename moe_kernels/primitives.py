@@ -113,9 +113,12 @@ def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
     return out
 
 
-def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
+def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, need_w: bool = True):
     """Gradients of :func:`_fwd_impl`: one matmul (or row sum) per expert and per
-    operand, each element reduced in a fixed order (no atomics: bitwise repeatable)."""
+    operand, each element reduced in a fixed order (no atomics: bitwise repeatable).
+    ``need_w=False`` (frozen experts): only the gradient of ``a``."""
+    if not need_w:
+        has_bias = False
     s, k = a.shape
     e, n, _ = w.shape
     v = offs[-1]
@@ -126,6 +129,8 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
         ga = torch._grouped_mm(g, w, offs=offs_t[1:])
         if v < s:
             ga[v:] = 0
+        if not need_w:
+            return ga, None, None
         gt = g.t()
         gw = (torch._grouped_mm(a.t(), g, offs=offs_t[1:]).transpose(-2, -1) if stored_t
               else torch._grouped_mm(gt, a, offs=offs_t[1:]))
@@ -138,6 +143,10 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
                 gb.index_fill_(0, idx, 0)
         return ga, gw, gb
     ga = g.new_zeros(s, k)
+    if not need_w:
+        for ex, lo, hi in _active(offs):
+            torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
+        return ga, None, None
     gw = w.new_zeros(e, k, n).transpose(-2, -1) if stored_t else w.new_zeros(e, n, k)
     gb = w.new_zeros(e, n) if has_bias else None
     for ex, lo, hi in _active(offs):
@@ -161,8 +170,9 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, w, offs_t = ctx.saved_tensors
-        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method)
-        return ga, gw.to(w.dtype), gb, None, None, None
+        need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method, need_w)
+        return ga, gw, gb, None, None, None
 
 
 # Under torch.compile the same two functions run as opaque custom ops: the loop's host

@@ -42,6 +42,7 @@ Replace before building the optimizer: the stacked weights are new parameters.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -521,5 +522,7 @@ def replace_moe_layers(model: nn.Module, backend: str = "auto", *, verify: bool 
         report.replaced.append({**entry, "router": router, "max_error": err,
                                 "experts": f"{e} x {fused.activation.name} (H={h}, I={fused.w2.shape[2]})"})
     if report.skipped and not report.replaced:
-        warnings.warn(f"moe_kernels.replace_moe_layers: {report}", UserWarning, stacklevel=2)
+        # Point at the user's call, through the package-level wrapper when it was used.
+        wrapped = sys._getframe(1).f_globals.get("__name__") == "moe_kernels"
+        warnings.warn(f"moe_kernels.replace_moe_layers: {report}", UserWarning, stacklevel=3 if wrapped else 2)
     return report
