@@ -51,8 +51,9 @@ def zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
 # On the CPU the torch backend picks its grouped-matmul method by regime. A Python loop
 # over the *active* experts costs a few microseconds of dispatch per expert but touches
 # only their weights; torch._grouped_mm runs one C++ mm per expert, empty or not, with
-# no Python per expert. Up to this many possibly-active experts (min(S, E), known from
-# the shapes alone) the loop wins on every default bench shape (docs/PERFORMANCE.md).
+# no Python per expert. Measured on the default bench shapes (docs/PERFORMANCE.md): with
+# up to 8 possibly-active experts (min(S, E), known from the shapes alone) the loop is as
+# fast or faster, from 32 on grouped_mm is; the cut sits between.
 LOOP_MAX_SEGMENTS = 24
 GROUPED_METHODS = ("loop", "grouped_mm")
 # Tests pin a method here to cover every path the dispatcher can choose.
@@ -60,9 +61,10 @@ _forced_method: str | None = None
 
 
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: on the CPU (fp32, bf16) it
-    needs 16-byte-aligned row strides; on CUDA we use it for bf16 on sm_90+, where it is
-    a real grouped kernel. It avoids the per-expert loop and its host sync."""
+    """Whether ``torch._grouped_mm`` takes these operands (forward and backward): on the
+    CPU (fp32, bf16) it needs 16-byte-aligned rows in ``a`` and both dims of ``w``; on
+    CUDA we use it for bf16 on sm_90+, where it is a real grouped kernel (no per-expert
+    loop, no host sync)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if a.device.type == "cpu":
