@@ -89,6 +89,9 @@ def expert_params(
         w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
     e, n_i, h = w13.shape
     n = act.width_factor
+    if w2.shape[0] == e and w2.shape[1] != h:
+        _name_transposition(w13 if not transposed else w13.transpose(1, 2),
+                            w2 if not transposed else w2.transpose(1, 2), n, transposed)
     if w2.shape[0] != e or w2.shape[1] != h:
         want = f"[{e}, {h}, I]" if not transposed else f"[{e}, I, {h}]"
         got = tuple(w2.shape) if not transposed else tuple(w2.transpose(1, 2).shape)
@@ -127,3 +130,26 @@ def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None 
         if routing.num_experts != params.num_experts:
             raise ValueError(f"routing: expected num_experts = {params.num_experts} (from w13), got {routing.num_experts}")
         check_same_device([("x", x), ("routing.slot_token", routing.slot_token)])
+
+
+def _name_transposition(w13: torch.Tensor, w2: torch.Tensor, n: int, transposed: bool) -> None:
+    """Raise a ValueError naming the likely transposition when ``w13``/``w2`` (as stored)
+    fit the other layout; return quietly otherwise (the generic check reports)."""
+    e = w13.shape[0]
+    flag = "transposed=True" if not transposed else "transposed=False"
+    if not transposed:
+        # HF 5 layout expected: w13 [E, n*I, H], w2 [E, H, I].
+        if w13.shape[1] == w2.shape[1] and w13.shape[2] == n * w2.shape[2]:
+            raise ValueError(f"w13: got shape {tuple(w13.shape)}, which looks transposed: [E, H, n*I] with H = "
+                             f"{w13.shape[1]} (the rows of w2) and n*I = {w13.shape[2]}; expected [E, n*I, H] = "
+                             f"[{e}, {w13.shape[2]}, {w13.shape[1]}]. Pass w13.transpose(1, 2).contiguous(), or "
+                             f"{flag} with w2 stored as [E, I, H] too")
+        if w13.shape[1] == n * w2.shape[1] and w2.shape[2] == w13.shape[2]:
+            raise ValueError(f"w2: got shape {tuple(w2.shape)}, which looks transposed: [E, I, H] with H = "
+                             f"{w2.shape[2]} (from w13); expected [E, H, I] = [{e}, {w2.shape[2]}, {w2.shape[1]}]. "
+                             f"Pass w2.transpose(1, 2).contiguous()")
+    else:
+        # GPT-OSS layout expected: w13 [E, H, n*I], w2 [E, I, H].
+        if w13.shape[2] == w2.shape[1] and w13.shape[1] == n * w2.shape[2]:
+            raise ValueError(f"w13, w2: got shapes {tuple(w13.shape)} and {tuple(w2.shape)}, the HF 5 layout "
+                             f"([E, n*I, H], [E, H, I]), with transposed=True; pass {flag}")

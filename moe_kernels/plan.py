@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import _compiling, check_int, deep_checks_enabled
+from ._checks import value_checks_enabled  # noqa: F401 (unused here now; tests still patch it)
 from .routing import Routing
 
 __all__ = ["DispatchPlan", "PLAN_INDEX_FIELDS", "build_plan", "build_plan_torch", "max_padded_rows"]

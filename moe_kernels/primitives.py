@@ -51,8 +51,9 @@ def zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
 # On the CPU the torch backend picks its grouped-matmul method by regime. A Python loop
 # over the *active* experts costs a few microseconds of dispatch per expert but touches
 # only their weights; torch._grouped_mm runs one C++ mm per expert, empty or not, with
-# no Python per expert. Up to this many possibly-active experts (min(S, E), known from
-# the shapes alone) the loop wins on every default bench shape (docs/PERFORMANCE.md).
+# no Python per expert. Measured on the default bench shapes (docs/PERFORMANCE.md): with
+# up to 8 possibly-active experts (min(S, E), known from the shapes alone) the loop is as
+# fast or faster, from 32 on grouped_mm is; the cut sits between.
 LOOP_MAX_SEGMENTS = 24
 GROUPED_METHODS = ("loop", "grouped_mm")
 # Tests pin a method here to cover every path the dispatcher can choose.
@@ -60,9 +61,10 @@ _forced_method: str | None = None
 
 
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: on the CPU (fp32, bf16) it
-    needs 16-byte-aligned row strides; on CUDA we use it for bf16 on sm_90+, where it is
-    a real grouped kernel. It avoids the per-expert loop and its host sync."""
+    """Whether ``torch._grouped_mm`` takes these operands (forward and backward): on the
+    CPU (fp32, bf16) it needs 16-byte-aligned rows in ``a`` and both dims of ``w``; on
+    CUDA we use it for bf16 on sm_90+, where it is a real grouped kernel (no per-expert
+    loop, no host sync)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if a.device.type == "cpu":
@@ -113,17 +115,27 @@ def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
     return out
 
 
-def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
+def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, need_w: bool = True):
     """Gradients of :func:`_fwd_impl`: one matmul (or row sum) per expert and per
-    operand, each element reduced in a fixed order (no atomics: bitwise repeatable)."""
+    operand, each element reduced in a fixed order (no atomics: bitwise repeatable).
+    ``need_w=False`` (frozen experts): only the gradient of ``a``."""
+    if not need_w:
+        has_bias = False
     s, k = a.shape
     e, n, _ = w.shape
     v = offs[-1]
+    # Weights stored transposed ([E, K, N], GPT-OSS): write their gradient in that layout
+    # (a^T g per expert), so autograd accumulates it without a strided copy.
+    stored_t = w.stride(-2) == 1 and w.stride(-1) != 1
     if method == "grouped_mm":
         ga = torch._grouped_mm(g, w, offs=offs_t[1:])
-        ga[v:] = 0
+        if v < s:
+            ga[v:] = 0
+        if not need_w:
+            return ga, None, None
         gt = g.t()
-        gw = torch._grouped_mm(gt, a, offs=offs_t[1:])
+        gw = (torch._grouped_mm(a.t(), g, offs=offs_t[1:]).transpose(-2, -1) if stored_t
+              else torch._grouped_mm(gt, a, offs=offs_t[1:]))
         gb = torch._grouped_mm(gt, g.new_ones(s, 16 // g.element_size()), offs=offs_t[1:])[..., 0] if has_bias else None
         empty = [ex for ex in range(e) if offs[ex + 1] == offs[ex]]
         if empty:  # no rows: no mm ran for these experts
@@ -133,11 +145,18 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str):
                 gb.index_fill_(0, idx, 0)
         return ga, gw, gb
     ga = g.new_zeros(s, k)
-    gw = w.new_zeros(e, n, k)
+    if not need_w:
+        for ex, lo, hi in _active(offs):
+            torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
+        return ga, None, None
+    gw = w.new_zeros(e, k, n).transpose(-2, -1) if stored_t else w.new_zeros(e, n, k)
     gb = w.new_zeros(e, n) if has_bias else None
     for ex, lo, hi in _active(offs):
         torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
-        torch.mm(g[lo:hi].t(), a[lo:hi], out=gw[ex])
+        if stored_t:
+            torch.mm(a[lo:hi].t(), g[lo:hi], out=gw[ex].t())
+        else:
+            torch.mm(g[lo:hi].t(), a[lo:hi], out=gw[ex])
         if gb is not None:
             torch.sum(g[lo:hi], 0, out=gb[ex])
     return ga, gw, gb
@@ -153,8 +172,9 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, w, offs_t = ctx.saved_tensors
-        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method)
-        return ga, gw.to(w.dtype), gb, None, None, None
+        need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method, need_w)
+        return ga, gw, gb, None, None, None
 
 
 # Under torch.compile the same two functions run as opaque custom ops: the loop's host
@@ -175,7 +195,7 @@ def _(a, w, b, offs_t, method):
 def _grouped_linear_bwd_op(g: torch.Tensor, a: torch.Tensor, w: torch.Tensor, has_bias: bool, offs_t: torch.Tensor,
                            method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ga, gw, gb = _bwd_impl(g.contiguous(), a, w, has_bias, offs_t, offs_t.tolist(), method)
-    return ga, gw, (gb if gb is not None else w.new_zeros(0))
+    return ga, gw.contiguous(), (gb if gb is not None else w.new_zeros(0))  # strides as the fake's
 
 
 @_grouped_linear_bwd_op.register_fake

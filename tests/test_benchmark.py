@@ -414,3 +414,25 @@ def test_gpu_check_dry_run(tmp_path):
     for f in ("bench/results.csv", "bench_fwdbwd/results.csv", "summary.txt", "tests-rest.log"):
         assert (out / f).exists(), f
     assert "tests/test_benchmark.py" in (out / "summary.txt").read_text()
+
+
+def test_time_side_by_side_interleaves_and_reports_errors():
+    from moe_kernels.bench.run import time_side_by_side
+    from moe_kernels.bench.timing import Timing
+
+    order = []
+
+    def call(name):
+        def f():
+            order.append(name)
+        return f
+
+    def boom():
+        raise RuntimeError("provider broke")
+
+    out = time_side_by_side({"a": [call("a")], "b": [call("b"), call("b")], "bad": [boom]},
+                            warmup=1, repeats=4, budget_s=10.0)
+    assert isinstance(out["a"], Timing) and isinstance(out["b"], Timing) and out["a"].samples == 4
+    assert isinstance(out["bad"], RuntimeError)
+    timed = order[2:]  # after one warm-up call of a and of b
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]  # one sample of each per round, first one rotating

@@ -525,3 +525,57 @@ def test_tied_router_explained_and_verify_false():
     assert report.replaced and report.replaced[0]["max_error"] is None
     out, logits = model.layers[0].mlp(torch.randn(1, 4, 20))
     assert out.shape == (1, 4, 20) and logits.shape == (4, 7)
+
+
+# --------------------------------------------------------------------------- inline activations
+
+
+class InlineExpert(nn.Module):
+    """A hand-written expert with the activation called inline (no act_fn attribute)."""
+
+    def __init__(self, h, i, fn):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
+        self.fn = fn  # a plain function, not a module attribute named like an activation
+
+    def forward(self, x):
+        return self.w2(self.fn(self.w1(x)) * self.w3(x))
+
+
+class HandBlock(nn.Module):
+    def __init__(self, fn, h=16, i=12, e=5, k=2):
+        super().__init__()
+        self.top_k = k
+        self.gate = nn.Linear(h, e, bias=False)
+        self.experts = nn.ModuleList([InlineExpert(h, i, fn) for _ in range(e)])
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        w = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return _loop(self.experts, x, w.to(x.dtype), sel).reshape(hidden_states.shape)
+
+
+@pytest.mark.parametrize("fn,act", [(F.silu, "swiglu"), (F.gelu, "geglu"),
+                                    (lambda v: F.gelu(v, approximate="tanh"), "geglu_tanh")])
+def test_inline_activation_is_detected(fn, act):
+    # Before: replaced nothing, silently (the experts have no act_fn attribute).
+    torch.manual_seed(0)
+    model = nn.Sequential(HandBlock(fn))
+    ref = copy.deepcopy(model)
+    report = replace_moe_layers(model, backend="torch")
+    assert len(report.replaced) == 1, str(report)
+    assert isinstance(model[0], FusedMoEBlock) and model[0].activation.name == act
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_inline_activation_says_what_to_add():
+    torch.manual_seed(0)
+    model = nn.Sequential(HandBlock(torch.tanh))
+    with pytest.warns(UserWarning, match="replaced 0 MoE block"):
+        report = replace_moe_layers(model, backend="torch")
+    assert not report.replaced and not isinstance(model[0], FusedMoEBlock)
+    reason = report.skipped[0]["reason"]
+    assert "no act_fn attribute" in reason and "self.act_fn = nn.SiLU()" in reason, reason

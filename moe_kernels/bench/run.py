@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from .roofline import (
     parse_shapes,
     scaled_shape,
 )
-from .timing import available_memory_bytes, cache_bytes, measure_peaks, memory_budget_bytes, time_calls
+from .timing import Timing, available_memory_bytes, cache_bytes, measure_peaks, memory_budget_bytes, time_calls
 
 __all__ = ["add_bench_arguments", "run_bench", "add_gpu_check_arguments", "run_gpu_check", "main"]
 
@@ -120,15 +121,16 @@ def _resolve(args: argparse.Namespace) -> dict:
     }
 
 
-def _cell(prov, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict, base: dict) -> dict:
-    """Time one cell; returns its row (status ok / skipped / error)."""
+def _cell_setup(prov, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict, base: dict):
+    """One cell's row before timing, and its calls (``None`` when the row is already
+    final: skipped, or an error while building the calls)."""
     from .providers import build_calls
 
     device, dtype = cfg["device"], cfg["dtype"]
     row = dict(base, provider=prov.name)
     reason = prov.unavailable(device, dtype, shape, mode)
     if reason:
-        return dict(row, status="skipped", note=reason)
+        return dict(row, status="skipped", note=reason), None
     dbytes = torch.empty((), dtype=dtype).element_size()
     active = sum(i.active_experts for i in inputs) / len(inputs)
     valid = sum(int((i.routing.slot_expert < shape.num_experts).sum()) for i in inputs) / len(inputs)
@@ -144,20 +146,103 @@ def _cell(prov, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict, base
         est += shape.num_experts * (100e-6 if device.type == "cuda" else 20e-6) * (3 if mode == "fwdbwd" else 1)
     if est > cfg["cell_budget"] / 4:
         return dict(row, status="skipped", note=f"estimated {est:.2g} s per call, over a quarter of "
-                                                f"--cell-budget {cfg['cell_budget']:g} s")
+                                                f"--cell-budget {cfg['cell_budget']:g} s"), None
     try:
-        calls = build_calls(prov, shape, weights, inputs, mode)
-        timing = time_calls(calls, device, warmup=cfg["warmup"], repeats=cfg["repeats"], budget_s=cfg["cell_budget"])
+        return row, build_calls(prov, shape, weights, inputs, mode)
     except Exception as exc:  # a failing provider must not stop the grid; the row says why
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return dict(row, status="error", note=msg[:300])
-    row.update(status="ok", median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, samples=timing.samples)
-    if prov.roofline:
+        return _error_row(row, exc, device), None
+
+
+def _error_row(row: dict, exc: Exception, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return dict(row, status="error", note=msg[:300])
+
+
+def _timed_row(row: dict, timing: Timing, roof: Roofline) -> dict:
+    row = dict(row, status="ok", median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, samples=timing.samples)
+    if "flops" in row:
+        flops, nbytes = row["flops"], row["min_bytes"]
         row.update(tflops=flops / timing.median / 1e12, gbps=nbytes / timing.median / 1e9,
                    frac_roofline=roof.fraction(flops, nbytes, timing.median))
     return row
+
+
+def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budget_s: float) -> dict:
+    """CPU timing of several providers of one cell, round-robin: each round takes one
+    sample of every provider in turn, so a burst of load from other processes lands on
+    all of them alike instead of on whichever cell was running (a shared machine's noise
+    then cancels in the ratios), and the order rotates each round so that no provider
+    always runs first. Returns name -> :class:`Timing` or the exception it raised."""
+    out: dict = {}
+    nxt = {name: 0 for name in calls}
+    warm: dict[str, float] = {}
+    for name, cs in calls.items():
+        try:
+            t0 = time.perf_counter()
+            for j in range(max(warmup, 1)):
+                cs[j % len(cs)]()
+            warm[name] = (time.perf_counter() - t0) / max(warmup, 1)
+            nxt[name] = max(warmup, 1)
+        except Exception as exc:  # noqa: BLE001 - reported in the provider's row
+            out[name] = exc
+    live = [n for n in calls if n not in out]
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    budget = budget_s * max(len(live), 1)
+    need = min(3, repeats) if 3 * sum(warm.values()) <= budget else 1
+    t_start = time.perf_counter()
+    for r in range(repeats):
+        # The provider that runs first in a round pays for what the others left in the
+        # caches (seen as 1.2-1.5x at T=1 on the CPU): rotate who goes first.
+        turn = live[r % len(live):] + live[:r % len(live)] if live else []
+        for name in [n for n in turn if n not in out]:
+            fn = calls[name][nxt[name] % len(calls[name])]
+            nxt[name] += 1
+            try:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001
+                out[name] = exc
+        done = [samples[n] for n in live if n not in out]
+        if done and min(len(v) for v in done) >= need and time.perf_counter() - t_start > budget:
+            break
+    for name in live:
+        if name not in out:
+            v = samples[name]
+            out[name] = Timing(statistics.median(v), min(v), len(v))
+    return out
+
+
+def _cells(providers, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict, base: dict) -> list[dict]:
+    """The rows of every provider at one (shape, T, mode): timed one provider after the
+    other on a GPU (CUDA events are immune to other processes), side by side on the CPU."""
+    device = cfg["device"]
+    setups = [_cell_setup(p, shape, t, mode, weights, inputs, roof, cfg, base) for p in providers]
+    if device.type == "cuda":
+        rows = []
+        for row, calls in setups:
+            if calls is None:
+                rows.append(row)
+                continue
+            try:
+                rows.append(_timed_row(row, time_calls(calls, device, warmup=cfg["warmup"], repeats=cfg["repeats"],
+                                                       budget_s=cfg["cell_budget"]), roof))
+            except Exception as exc:
+                rows.append(_error_row(row, exc, device))
+        return rows
+    timed = time_side_by_side({row["provider"]: calls for row, calls in setups if calls is not None},
+                              warmup=cfg["warmup"], repeats=cfg["repeats"], budget_s=cfg["cell_budget"])
+    rows = []
+    for row, calls in setups:
+        if calls is None:
+            rows.append(row)
+        elif isinstance(timed[row["provider"]], Exception):
+            rows.append(_error_row(row, timed[row["provider"]], device))
+        else:
+            rows.append(_timed_row(row, timed[row["provider"]], roof))
+    return rows
 
 
 def _command_line(args: argparse.Namespace, cfg: dict) -> str:
@@ -248,17 +333,15 @@ def run_bench(args: argparse.Namespace) -> int:
                                      copies=max(4, len(weights[shape])), seed=args.seed + t)
                 if t == max(cfg["tokens"]) and shape.name not in loads:
                     loads[shape.name] = (t, args.routing, expert_load(inputs))
-            for prov in providers:
-                if inputs is None or (args.budget and time.perf_counter() - start > args.budget):
-                    if inputs is not None:
-                        note = f"--budget {args.budget:g} s spent"
-                    row = dict(base, provider=prov.name, status="skipped", note=note)
-                else:
-                    row = _cell(prov, shape, t, mode, weights[shape], inputs, roof, cfg, base)
+            if inputs is None:
+                cell_rows = [dict(base, provider=prov.name, status="skipped", note=note) for prov in providers]
+            else:
+                cell_rows = _cells(providers, shape, t, mode, weights[shape], inputs, roof, cfg, base)
+            for row in cell_rows:
                 row = {**meta, **row}
                 writer.write(row)
                 rows.append(row)
-                progress.update(f"{shape.name} T={t} {mode} {prov.name}")
+                progress.update(f"{shape.name} T={t} {mode} {row['provider']}")
             del inputs
     finally:
         progress.close()

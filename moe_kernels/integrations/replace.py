@@ -13,7 +13,9 @@ The protocol a block must follow (the 4.x families above follow it):
   named ``gate_proj``/``up_proj``/``down_proj`` or ``w1``/``w3``/``w2`` (gated:
   ``down(act(gate(x)) * up(x))``), or ``up_proj``/``down_proj`` or ``fc1``/``fc2``
   (plain: ``down(act(up(x)))``), with the activation in ``act_fn`` (or ``activation_fn``,
-  ``act``): SiLU, GELU or GELU-tanh (ReLU for plain experts).
+  ``act``): SiLU, GELU or GELU-tanh (ReLU for plain experts). Experts that call it inline
+  (``F.silu(self.w1(x)) * self.w3(x)``, no attribute) work too: each of those is tried
+  against every expert's forward; when none matches, the report says what to add.
 * ``gate``: the router. Either an ``nn.Linear`` [H -> E] followed by softmax top-k with
   ``top_k`` (or ``num_experts_per_tok``) and, optionally, ``norm_topk_prob`` (whether the
   k weights are renormalised; when absent both are tried), the routing computed in float32
@@ -40,6 +42,8 @@ Replace before building the optimizer: the stacked weights are new parameters.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -130,13 +134,11 @@ def _stack_experts(experts: nn.ModuleList) -> dict:
     if any(type(e) is not type(first) for e in experts):
         raise _Skip("experts are not all of one class")
     fn = next((getattr(first, a) for a in _ACT_ATTRS if callable(getattr(first, a, None))), None)
-    if fn is None:
-        raise _Skip(f"expert {type(first).__name__} has no act_fn")
-    plain = _plain_activation(fn)
     gated = len(names) == 3
-    if gated and plain not in _GATED_OF:
+    plain = None if fn is None else _plain_activation(fn)
+    if gated and plain is not None and plain not in _GATED_OF:
         raise _Skip(f"gated experts with activation {plain!r} are not implemented")
-    act = Activation(_GATED_OF[plain] if gated else plain)
+    act = None if plain is None else Activation(_GATED_OF[plain] if gated else plain)
     layers = [[_linear(e, n) for n in names] for e in experts]
     if any(None in row for row in layers) or any(_layout(e) != names for e in experts):
         raise _Skip("experts do not all have the same layers")
@@ -160,8 +162,31 @@ def _stack_experts(experts: nn.ModuleList) -> dict:
         b13 = torch.stack([torch.cat([lin.bias for lin in row]) for row in in_layers]) if has_bias else None
         b2 = torch.stack([lin.bias for lin in down]) if has_bias else None
     grad = ref[0].weight.requires_grad
-    return {"w13": w13, "w2": w2, "b13": b13, "b2": b2, "activation": act, "names": names,
-            "requires_grad": grad}
+    stacked = {"w13": w13, "w2": w2, "b13": b13, "b2": b2, "activation": act, "names": names,
+               "requires_grad": grad}
+    if act is None:
+        stacked["activation"] = _inline_activation(experts, stacked)
+    return stacked
+
+
+def _inline_activation(experts: nn.ModuleList, stacked: dict) -> Activation:
+    """The activation of experts that call it inline (``F.silu(self.w1(x)) * self.w3(x)``,
+    no ``act_fn`` attribute): each common one is tried against every expert's forward."""
+    gated = len(stacked["names"]) == 3
+    cls = type(experts[0]).__name__
+    hint = (f"give {cls} an attribute `self.act_fn = nn.SiLU()` (or nn.GELU(), nn.GELU(approximate='tanh')"
+            f"{'' if gated else ', nn.ReLU()'}) and call it in forward")
+    if stacked["w13"].device.type == "meta":
+        raise _Skip(f"expert {cls} has no act_fn attribute and its weights are on the meta device, so the "
+                    f"activation it calls inline cannot be probed: {hint}")
+    for plain in ("silu", "gelu", "gelu_tanh") + (() if gated else ("relu",)):
+        try:
+            _check_experts(experts, dict(stacked, activation=Activation(_GATED_OF[plain] if gated else plain)))
+        except _Skip:
+            continue
+        return Activation(_GATED_OF[plain] if gated else plain)
+    raise _Skip(f"expert {cls} has no act_fn attribute and its forward matches none of silu, gelu, gelu_tanh"
+                f"{'' if gated else ', relu'} called inline: {hint}")
 
 
 # --------------------------------------------------------------------------- routers
@@ -458,7 +483,11 @@ def replace_moe_layers(model: nn.Module, backend: str = "auto", *, verify: bool 
 
     ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` for the fused
     blocks. ``verify``: compare each block with the original on a probe batch before
-    swapping (on by default; without it only the known 4.x blocks are replaced)."""
+    swapping (on by default; without it only the known 4.x blocks are replaced).
+
+    A block that looks like a MoE block (an ``experts`` ModuleList) but is left alone is
+    never silent: it is listed in ``report.skipped`` with the reason, and when nothing at
+    all was replaced a ``UserWarning`` carries the report."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if backend not in ("auto", *BACKEND_NAMES):
@@ -492,4 +521,8 @@ def replace_moe_layers(model: nn.Module, backend: str = "auto", *, verify: bool 
         e, n_i, h = fused.w13.shape
         report.replaced.append({**entry, "router": router, "max_error": err,
                                 "experts": f"{e} x {fused.activation.name} (H={h}, I={fused.w2.shape[2]})"})
+    if report.skipped and not report.replaced:
+        # Point at the user's call, through the package-level wrapper when it was used.
+        wrapped = sys._getframe(1).f_globals.get("__name__") == "moe_kernels"
+        warnings.warn(f"moe_kernels.replace_moe_layers: {report}", UserWarning, stacklevel=3 if wrapped else 2)
     return report

@@ -18,6 +18,12 @@ Backward: autograd through the gathers, the activation and the combine; the grou
 matmuls have an explicit backward (one matmul per expert and operand, fixed order). It
 saves the gathered rows and both matmul inputs. Runs on any device; this is also the
 CPU product.
+
+Determinism: at a fixed thread count every output and gradient is bitwise the same
+on every rerun (no atomics, each sum in a fixed order; tests/test_torch_regimes.py runs
+2 threads). Across thread counts it is not: the matmul libraries split their reductions
+by thread count, so changing ``torch.set_num_threads`` can change the last bits, the
+router-weight gradient of a layer (a plain matmul) included.
 """
 
 from __future__ import annotations
