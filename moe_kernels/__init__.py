@@ -7,13 +7,14 @@ kernels serve them all. Backends: ``torch`` (pure PyTorch, any device), ``triton
 transformers, and works without the CUDA extension.
 """
 
-from .activations import ACTIVATIONS, Activation
+from .activations import ACTIVATIONS, Activation, PostNorm
 from .backends import available_backends, get_backend
 from .functional import fused_experts, moe
 from .layer import MoE, MoEConfig
 from .options import KernelOptions
 from .params import ExpertParams, expert_params
 from .plan import DispatchPlan, build_plan
+from .quant import quantize_experts, quantized_params
 from .reference import moe_reference
 from .routing import (
     ROUTERS,
@@ -40,7 +41,8 @@ def replace_moe_layers(model, backend="auto", **kwargs):
 
 
 __all__ = [
-    "ACTIVATIONS", "Activation", "DispatchPlan", "ExpertParams", "KernelOptions", "MoE", "MoEConfig", "ROUTERS", "Routing",
+    "ACTIVATIONS", "Activation", "DispatchPlan", "ExpertParams", "KernelOptions", "MoE", "MoEConfig", "PostNorm",
+    "ROUTERS", "Routing", "quantize_experts", "quantized_params",
     "available_backends", "build_plan", "dense_softmax", "expert_choice", "expert_params", "fused_experts",
     "get_backend", "grouped_sigmoid_topk", "moe", "moe_reference", "noisy_topk", "replace_moe_layers", "route",
     "softmax_topk", "switch", "z_loss", "__version__",

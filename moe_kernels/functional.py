@@ -23,7 +23,10 @@ __all__ = ["fused_experts", "moe", "check_inputs", "kernel_options"]
 def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
     """Check ``x`` [T, H] against the expert weights and (optionally) the routing."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_same_dtype([("x", x), ("w13", params.w13)])
+    if params.quant is None:
+        check_same_dtype([("x", x), ("w13", params.w13)])
+    elif x.dtype != params.dtype:  # quantized experts: x in their compute dtype
+        raise ValueError(f"x: expected dtype {params.dtype} (the quantized experts' compute dtype), got {x.dtype}")
     check_same_device([("x", x), ("w13", params.w13)])
     if x.shape[1] != params.hidden_size:
         raise ValueError(f"x: expected hidden size {params.hidden_size} (from w13), got shape {tuple(x.shape)}")
@@ -93,8 +96,8 @@ def kernel_options(options: KernelOptions | None = None, **fields) -> KernelOpti
 def moe(
     x: torch.Tensor,
     router_logits: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | ExpertParams,
+    w2: torch.Tensor | None = None,
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     *,
@@ -111,14 +114,16 @@ def moe(
     options: KernelOptions | None = None,
     **router_options,
 ):
-    """One MoE layer from router logits: route, then :func:`fused_experts`.
+    """One MoE layer from router logits: route, then :func:`fused_experts`. ``w13`` may be
+    an :class:`ExpertParams` (e.g. from :func:`moe_kernels.quantize_experts`).
 
     ``router`` names a router of :mod:`moe_kernels.routing` and ``router_options`` are
     its keyword arguments (``top_k=2``, ``renormalize=False``, ``capacity_factor=1.25``,
     ``bias=...``, ``n_group=8``, ...). With ``return_routing=True`` returns
     ``(out, routing)`` so the caller can read the aux losses in ``routing.losses``. Kernel
     options as for :func:`fused_experts`."""
-    params = expert_params(w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
+    params = w13 if isinstance(w13, ExpertParams) else expert_params(
+        w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
     check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_inputs(x, params)
     check_same_device([("x", x), ("router_logits", router_logits)])

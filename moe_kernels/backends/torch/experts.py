@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...activations import apply_activation
+from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...primitives import combine_slots, grouped_linear, zero_link
@@ -38,6 +38,6 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
     rows = x[src] if x.is_cuda else x.index_select(0, src)
     h13 = grouped_linear(rows, params.w13, params.b13, plan)
     hidden = apply_activation(h13, params.activation, params.interleaved)
-    y = grouped_linear(hidden, params.w2, params.b2, plan)
+    y = apply_post_norm(grouped_linear(hidden, params.w2, params.b2, plan), params.post_norm)
     y_slot = y.index_select(0, plan.slot_position.long()).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
     return combine_slots(y_slot, plan.token_slots).to(x.dtype)
