@@ -28,14 +28,16 @@ compute dtype first), or ``"static"`` (one float32 scale per expert for each GEM
 input, HF's ``*_activation_scale``), or ``"none"`` (W8A16: weights dequantized, the GEMMs
 in the compute dtype). FP4 experts run with ``"none"`` only (bf16/fp16/fp32 activations).
 
-Error bounds (relative Frobenius error of one expert layer's output against the same
-layer with the unquantized float32 weights, random N(0, 1) inputs, measured in
-tests/test_quant.py): fp8 weights only ~3%, fp8 W8A8 ~5%, fp4 ~15%; tests assert 0.08,
-0.10 and 0.25. Against the dequantizing twin (:func:`experts_quant_torch`, same quantized
-values, same activation quantization) the kernels agree to float32 accumulation order
-(1e-5 relative in float32, the compute dtype's rounding otherwise), except where the twin
-and a kernel round one activation value to different e4m3 neighbours (a tie broken by a
-last-bit difference in ``x / scale``): then that element's error is one e4m3 step.
+Error bounds (relative Frobenius error of a whole expert layer's output against the same
+layer with the unquantized float32 weights; weights N(0, 1/fan_in), inputs N(0, 1),
+measured in tests/test_quant.py): fp8 weights only ~4.7%, fp8 W8A8 (dynamic 1x128) ~6.4%
+(float or ue8m0 scales alike), fp4 with ue8m0 scales (MXFP4) ~20%, fp4 with float32
+scales ~18%; the tests assert 0.08, 0.10 and 0.30. Against the dequantizing twin
+(:func:`experts_quant_torch`: the same quantized values, the same activation
+quantization) the Triton kernels agree to float32 accumulation order (measured ~4e-7
+relative in float32; the compute dtype's rounding otherwise); on a GPU an activation
+value whose ``x / scale`` sits on an e4m3 rounding tie may land on the other neighbour,
+an error of one e4m3 step in that element.
 
 Inference only: a forward that would need gradients raises ``ValueError`` instead of
 silently dequantizing.
@@ -381,3 +383,43 @@ def experts_quant_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParam
         y = apply_post_norm(y.to(x.dtype), params.post_norm).float()
     y_slot = y.index_select(0, plan.slot_position.long()) * plan.slot_weight.float().unsqueeze(1)
     return combine_slots(y_slot, plan.token_slots).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- nn.Module weights
+
+
+def quantize_module_(module: torch.nn.Module, format: str = "fp8_block", **kwargs) -> torch.nn.Module:
+    """Quantize a module's ``w13``/``w2`` parameters in place (inference): they become
+    buffers holding the quantized storage, with ``w13_scale``/``w2_scale`` next to them, so
+    ``.to()`` and ``state_dict()`` carry them; the float weights are dropped.
+    :meth:`moe_kernels.MoE.quantize_` calls it. ``kwargs`` as :func:`quantize_experts`."""
+    act = getattr(module, "activation", "swiglu")
+    with torch.no_grad():
+        p = quantize_experts(module.w13.detach(), module.w2.detach(), module.b13, module.b2, format=format,
+                             activation=act, **kwargs)
+    q = p.quant
+    for name in ("w13", "w2"):
+        delattr(module, name)
+    module.register_buffer("w13", q.w13.data)
+    module.register_buffer("w2", q.w2.data)
+    module.register_buffer("w13_scale", q.w13.scale)
+    module.register_buffer("w2_scale", q.w2.scale)
+    for name in ("b13", "b2"):
+        b = getattr(module, name, None)
+        if b is not None:
+            b.requires_grad_(False)
+    module._moe_kernels_quant = {"format": q.w13.format, "block13": q.w13.block, "block2": q.w2.block,
+                                 "dtype": q.dtype, "act": q.act, "act_group": q.act_group}
+    return module
+
+
+def module_quantized_params(module: torch.nn.Module) -> ExpertParams | None:
+    """The :class:`~moe_kernels.ExpertParams` of a module quantized by
+    :func:`quantize_module_` (from its current buffers), or None."""
+    meta = getattr(module, "_moe_kernels_quant", None)
+    if meta is None:
+        return None
+    q13 = QuantizedWeight(module.w13, module.w13_scale, meta["format"], meta["block13"])
+    q2 = QuantizedWeight(module.w2, module.w2_scale, meta["format"], meta["block2"])
+    return quantized_params(q13, q2, module.b13, module.b2, activation=module.activation, dtype=meta["dtype"],
+                            act_scheme=meta["act"], act_group=meta["act_group"])
