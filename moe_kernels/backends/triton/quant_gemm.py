@@ -46,7 +46,7 @@ from ...quant import E4M3_MAX, ExpertQuant, QuantizedWeight, dequantize, quantiz
 from . import on_device
 from .act import ACT_CODES, _act_fwd
 
-__all__ = ["qgemm", "qgemm_torch", "W_FLOAT", "W_FP8", "W_FP4"]
+__all__ = ["qgemm", "qgemm_torch", "num_warps_for", "W_FLOAT", "W_FP8", "W_FP4"]
 
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
 _ACT_Q = {"none": 0, "dynamic": 1, "static": 2}
@@ -69,8 +69,9 @@ def _fp4_decode(p):
 def _load_b(b_ptr, bs_ptr, e, brow, offs_k, k0, row_ok, K, stride_be, stride_bn, stride_bk, stride_se, stride_sn,
             W_FMT: tl.constexpr, SCALE_E8M0: tl.constexpr, BN_S: tl.constexpr, BK_S: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One [BLOCK_N, BLOCK_K] weight tile: (raw e4m3 tile, its per-row fp32 scale) for W_FP8,
-    # else (dequantized fp32 tile, None-like ones).
+    # One [BLOCK_N, BLOCK_K] weight tile and a per-row fp32 scale: W_FP8 gives the raw e4m3
+    # tile and its block scale; fp4 the dequantized fp32 tile (scale 1); float the tile as is.
+    # (One return at the end: code after a constexpr-if return is still compiled.)
     base = b_ptr + e.to(tl.int64) * stride_be + brow.to(tl.int64)[:, None] * stride_bn
     if W_FMT == 2:  # fp4
         kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -83,18 +84,21 @@ def _load_b(b_ptr, bs_ptr, e, brow, offs_k, k0, row_ok, K, stride_be, stride_bn,
                     mask=row_ok[:, None] & (kg < K // 32)[None, :], other=0)
         if SCALE_E8M0:
             s = tl.exp2(s.to(tl.float32) - 127.0)
-        v = tl.reshape(tl.reshape(v, (BLOCK_N, BLOCK_K // 32, 32)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-        return v, tl.full((BLOCK_N,), 1.0, tl.float32)
-    k = k0 + offs_k
-    b = tl.load(base + k[None, :] * stride_bk, mask=row_ok[:, None] & (k < K)[None, :], other=0)
-    if W_FMT == 1:  # e4m3 bytes arrive as uint8 (a masked fp8 load has no portable `other`)
-        b = b.to(tl.float8e4nv, bitcast=True)
-        s = tl.load(bs_ptr + e.to(tl.int64) * stride_se + (brow // BN_S) * stride_sn + k0 // BK_S, mask=row_ok,
-                    other=0)
-        if SCALE_E8M0:
-            s = tl.exp2(s.to(tl.float32) - 127.0)
-        return b, s.to(tl.float32)
-    return b, tl.full((BLOCK_N,), 1.0, tl.float32)
+        b = tl.reshape(tl.reshape(v, (BLOCK_N, BLOCK_K // 32, 32)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        sb = tl.full((BLOCK_N,), 1.0, tl.float32)
+    else:
+        k = k0 + offs_k
+        b = tl.load(base + k[None, :] * stride_bk, mask=row_ok[:, None] & (k < K)[None, :], other=0)
+        if W_FMT == 1:  # e4m3 bytes arrive as uint8 (a masked fp8 load has no portable `other`)
+            b = b.to(tl.float8e4nv, bitcast=True)
+            sb = tl.load(bs_ptr + e.to(tl.int64) * stride_se + (brow // BN_S) * stride_sn + k0 // BK_S, mask=row_ok,
+                         other=0)
+            if SCALE_E8M0:
+                sb = tl.exp2(sb.to(tl.float32) - 127.0)
+            sb = sb.to(tl.float32)
+        else:
+            sb = tl.full((BLOCK_N,), 1.0, tl.float32)
+    return b, sb
 
 
 @triton.jit
@@ -106,11 +110,15 @@ def _to_e4m3(v, s):
 
 @triton.jit
 def _mma(acc, a, aq, sa, b, sb, ACT_Q: tl.constexpr, W_FMT: tl.constexpr):
-    if ACT_Q == 0:
+    if ACT_Q == 0:  # weights dequantized in registers, the MMA of A's dtype
         if W_FMT == 1:
-            b = b.to(tl.float32) * sb[:, None]
-        return acc + tl.dot(a, tl.trans(b.to(a.dtype)), out_dtype=tl.float32)
-    return acc + tl.dot(aq, tl.trans(b), out_dtype=tl.float32) * (sa * sb[None, :])
+            bd = (b.to(tl.float32) * sb[:, None]).to(a.dtype)
+        else:
+            bd = b.to(a.dtype)
+        acc = acc + tl.dot(a, tl.trans(bd), out_dtype=tl.float32)
+    else:  # W8A8 on the FP8 tensor cores, both scales applied to the fp32 partial product
+        acc = acc + tl.dot(aq, tl.trans(b), out_dtype=tl.float32) * (sa * sb[None, :])
+    return acc
 
 
 @triton.jit
@@ -214,6 +222,13 @@ def _qgemm_fwd_kernel(
 # --------------------------------------------------------------------------- launcher
 
 
+def num_warps_for(consts: dict) -> int:
+    """Warps of one launch from its constexprs: a gated GEMM1 holds two fp32 accumulators
+    (gate and up) and, quantizing A in registers (W8A8), 4 warps spill on sm_90 / sm_100, 8 do not
+    (tests/test_quant_aot.py)."""
+    return 8 if consts["EPI_ACT"] and consts["GATED"] and (consts["BLOCK_N"] >= 128 or consts["ACT_Q"]) else 4
+
+
 def _pow2_divisor(v: int, cap: int) -> int:
     d = 1
     while d * 2 <= cap and v % (d * 2) == 0:
@@ -272,6 +287,10 @@ def qgemm(a: torch.Tensor, w: torch.Tensor | QuantizedWeight, plan: DispatchPlan
     grid = (plan.num_blocks, triton.cdiv(n, block_n))
     if s == 0 or n == 0:
         return c, c_scale
+    consts = dict(A_TOKEN=a_rows == "token", A_FP8=a_scale is not None, ACT_Q=_ACT_Q[act_q], W_FMT=w_fmt,
+                  SCALE_E8M0=e8m0, BN_S=bn_s, BK_S=bk_s, EPI_ACT=epilogue == "act", ACT=ACT_CODES[act.name],
+                  GATED=gated, INTERLEAVED=bool(interleaved), HAS_BIAS=bias is not None, ROW_SCALE=row_scale,
+                  QUANT_OUT=quant_out, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     with on_device(a):
         _qgemm_fwd_kernel[grid](
             a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a, a_scale if a_scale is not None else dummy, b, bs, act_scale if act_scale is not None else dummy,
@@ -280,10 +299,7 @@ def qgemm(a: torch.Tensor, w: torch.Tensor | QuantizedWeight, plan: DispatchPlan
             n, k, a.stride(0), a_scale.stride(0) if a_scale is not None else 0, b.stride(0), b.stride(1),
             b.stride(2), bs.stride(0), bs.stride(1), bias.stride(0) if bias is not None else 0, c.stride(0),
             c_scale.stride(0) if c_scale is not None else 0, float(act.alpha), float(act.limit),
-            A_TOKEN=a_rows == "token", A_FP8=a_scale is not None, ACT_Q=_ACT_Q[act_q], W_FMT=w_fmt,
-            SCALE_E8M0=e8m0, BN_S=bn_s, BK_S=bk_s, EPI_ACT=epilogue == "act", ACT=ACT_CODES[act.name],
-            GATED=gated, INTERLEAVED=bool(interleaved), HAS_BIAS=bias is not None, ROW_SCALE=row_scale,
-            QUANT_OUT=quant_out, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            **consts, num_warps=num_warps_for(consts))
     return c, c_scale
 
 
