@@ -330,8 +330,8 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | No
     check_tensor("w13", w13, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("w2", w2, ndim=3, dtypes=FLOAT_DTYPES)
     dtype = dtype or (w13.dtype if w13.dtype != torch.float64 else torch.float32)
-    if transposed:
-        w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
+    if transposed:  # one copy at quantization time; the quantized storage is [E, N, K]
+        w13, w2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
     if format == "fp8_block":
         fmt = scale_fmt or "float"
         q13, q2 = quantize_fp8_block(w13, block_size, fmt), quantize_fp8_block(w2, block_size, fmt)

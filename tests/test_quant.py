@@ -281,3 +281,21 @@ def test_bad_input():
     with pytest.raises(ValueError, match="act_scale13"):
         quantized_params(q, quantize_fp8_block(w2.cpu()), act_scheme="static")
     assert isinstance(p.quant, ExpertQuant) and p.hidden_size == 64 and p.intermediate_size == 48
+
+
+def test_transposed_storage_quantizes_like_the_standard_layout():
+    w13, w2 = _weights(3, 64, 64, seed=4)
+    a = quantize_experts(w13.cpu(), w2.cpu(), format="mxfp4", activation="swiglu_oai", interleaved=True)
+    b = quantize_experts(w13.cpu().transpose(1, 2).contiguous(), w2.cpu().transpose(1, 2).contiguous(),
+                         format="mxfp4", activation="swiglu_oai", interleaved=True, transposed=True)
+    assert torch.equal(a.quant.w13.data, b.quant.w13.data) and torch.equal(a.quant.w2.scale, b.quant.w2.scale)
+
+
+def test_roofline_counts_quantized_weight_bytes():
+    from moe_kernels.bench.roofline import SHAPES, expert_weight_bytes, layer_min_bytes
+    s = SHAPES["mixtral-8x7b"]
+    bf16 = expert_weight_bytes(s, 2)
+    assert expert_weight_bytes(s, 2, "fp8_block") == pytest.approx(bf16 / 2, rel=1e-3)
+    assert expert_weight_bytes(s, 2, "mxfp4") == pytest.approx(bf16 * 0.53125 / 2, rel=1e-6)
+    # a decode step is weight-bound: its floor follows the weight bytes
+    assert layer_min_bytes(s, 1, 2, 2, quant="fp8_block") < 0.51 * layer_min_bytes(s, 1, 2, 2)
