@@ -1,6 +1,6 @@
 """The ``"moe_kernels"`` experts implementation for HF transformers >= 5.
 
-transformers 5 keeps the experts of 67 MoE families in classes decorated with
+transformers 5 keeps the experts of 67 MoE families (68 classes) in classes decorated with
 ``@use_experts_implementation`` (``transformers/integrations/moe.py``): the weights are
 3-D parameters (``gate_up_proj`` [E, 2I, H] or ``up_proj`` [E, I, H], ``down_proj``
 [E, H, I], transposed when ``is_transposed``, optional ``*_bias``), and the forward is
@@ -20,13 +20,18 @@ How the module's declaration is honoured:
 * The activation is what the class really computes: its ``_apply_gate`` (gated) or
   ``act_fn`` (plain) is evaluated once on a float64 probe and matched against our
   activations (``swiglu``, ``geglu``, ``geglu_tanh``, ``swiglu_oai`` with the module's
-  own ``alpha``/``limit``; gate and up rows concatenated or interleaved). So the default
-  ``_apply_gate`` with ``hidden_act="silu"`` becomes ``swiglu``, GPT-OSS's clamped
-  SwiGLU over interleaved rows becomes ``swiglu_oai`` with ``interleaved=True``, and a
-  custom ``_apply_gate`` we do not implement (clamped SiLU, a two-argument act_fn, ...)
-  raises :class:`UnsupportedExpertsError` instead of giving a wrong result.
-* ``has_post_expert_norm``: a norm between an expert and its routing weight cannot be
-  fused; raises :class:`UnsupportedExpertsError`.
+  own ``alpha``/``limit``, ``swiglu_clamp`` with its ``limit``, ``swiglu_softcap`` with its
+  softcaps; plain ``silu``, ``gelu``, ``gelu_tanh``, ``relu``, ``relu2``; gate and up rows
+  concatenated or interleaved). So the default ``_apply_gate`` with ``hidden_act="silu"``
+  becomes ``swiglu``, GPT-OSS's clamped SwiGLU over interleaved rows becomes
+  ``swiglu_oai`` with ``interleaved=True``, and a custom ``_apply_gate`` we do not
+  implement raises :class:`UnsupportedExpertsError` instead of giving a wrong result.
+* ``has_post_expert_norm``: the module's ``post_expert_norm`` is identified on a probe
+  (input-scaled RMSNorm or RMSNorm) and applied per slot before the routing weight.
+* Quantized ``FP8Experts`` (fp8 e4m3 + ``*_scale_inv`` block scales, or int8-packed fp4):
+  the weights and scales are used in place (:func:`moe_kernels.quant.quantized_params`);
+  ``"moe_kernels"`` is registered in ``FP8ExpertsInterface`` as well. GPT-OSS's
+  ``Mxfp4GptOssExperts`` bypasses both interfaces: :func:`enable_mxfp4`.
 * Expert-parallel sentinel ids (``>= num_experts``, or negative) become dropped slots
   (:meth:`~moe_kernels.Routing.from_topk`): no compute, no output, zero gradient.
 
