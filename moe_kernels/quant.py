@@ -361,8 +361,9 @@ def check_inference(x: torch.Tensor, slot_weight: torch.Tensor, params: ExpertPa
 def experts_quant_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
     """The dequantizing twin of the quantized experts: the torch backend's pipeline on
     float32 weights ``q * scale``, with the kernels' activation quantization (GEMM1's
-    input rows, and GEMM2's input from the float32 activation) and their rounding of h to
-    the compute dtype when activations are not quantized. Returns [T, H] in ``x``'s dtype."""
+    input rows; GEMM2's input from the float32 activation when dynamic, from h rounded to
+    the compute dtype when static) and their rounding of h to the compute dtype otherwise.
+    Returns [T, H] in ``x``'s dtype."""
     quant = params.quant
     check_inference(x, plan.slot_weight, params)
     t, h = x.shape
@@ -377,7 +378,10 @@ def experts_quant_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParam
     b2 = None if params.b2 is None else params.b2.float()
     h13 = grouped_linear(rows, w13, b13, plan)
     hidden = apply_activation(h13, params.activation, params.interleaved)
-    hidden = hidden.to(x.dtype).float() if quant.act == "none" else _fake_quant_act(hidden, quant, 2, expert)
+    if quant.act != "dynamic":  # GEMM1 writes h in the compute dtype; static quantization reads it back
+        hidden = hidden.to(x.dtype).float()
+    if quant.act != "none":
+        hidden = _fake_quant_act(hidden, quant, 2, expert)
     y = grouped_linear(hidden, w2, b2, plan)
     if params.post_norm is not None:
         y = apply_post_norm(y.to(x.dtype), params.post_norm).float()

@@ -299,3 +299,23 @@ def test_roofline_counts_quantized_weight_bytes():
     assert expert_weight_bytes(s, 2, "mxfp4") == pytest.approx(bf16 * 0.53125 / 2, rel=1e-6)
     # a decode step is weight-bound: its floor follows the weight bytes
     assert layer_min_bytes(s, 1, 2, 2, quant="fp8_block") < 0.51 * layer_min_bytes(s, 1, 2, 2)
+
+
+def test_fp8_bits_decoded_without_an_fp8_type(monkeypatch):
+    # sm_80 path (FP8_NATIVE=False): e4m3 bits decoded arithmetically, W8A8 falls back to
+    # W8A16. Subnormals, +-448 and zeros included in the weights.
+    import_or_skip()
+    from moe_kernels.backends.triton import quant_experts, quant_gemm
+
+    monkeypatch.setattr(quant_gemm, "fp8_mma", lambda d: False)
+    monkeypatch.setattr(quant_experts, "fp8_mma", lambda d: False)
+    w13, w2 = _weights(3, 128, 64, seed=6)
+    w13[0, 0, :8] = torch.tensor([0.0, 1e-9, -3e-4, 2e-3, 448.0, -448.0, 1e-5, 0.5])  # wide range in one block
+    p = quantize_experts(w13, w2, format="fp8_block")  # dynamic: runs as W8A16 here
+    pw = quantize_experts(w13, w2, format="fp8_block", act_scheme="none")
+    routing, _ = make_routing("softmax_topk", 7, 3, seed=2)
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        got = mk.fused_experts(x, routing, p, backend="triton")
+        want = experts_quant_torch(x, mk.get_backend("torch", x.device).plan(routing, pw), pw)
+    assert_close(got, want, 1e-5, "decoded e4m3")

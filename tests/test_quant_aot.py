@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every quantized-experts kernel variant for sm_90 and
 sm_100 (and sm_80 for the dequantize-in-registers paths), no GPU needed.
 
-Checks: it compiles; W8A8 uses the FP8 tensor cores (sm_90: ``wgmma ... e4m3.e4m3``,
+Checks: it compiles (sm_80: the W8A16 and fp4 variants, fp8 bits decoded arithmetically
+since sm_80 has no fp8 type); W8A8 uses the FP8 tensor cores (sm_90: ``wgmma ... e4m3.e4m3``,
 sm_100: ``tcgen05.mma ... kind::f8f6f4``); the register-dequantized paths use the bf16
 MMA (``wgmma ... bf16`` / ``tcgen05.mma ... kind::f16``); shared memory fits; ptxas
 reports no local memory (spills) when cuobjdump is available. Signatures carry the
@@ -27,7 +28,8 @@ import_or_skip()
 
 # (label, kernel, pointer types, constexprs) of the launches quant_experts.py makes at the
 # GPU config (BLOCK_M = 64), for H = 4096, I = 1536 (both multiples of 16).
-_BASE = dict(A_TOKEN=True, A_FP8=False, ACT_Q=0, W_FMT=1, SCALE_E8M0=False, BN_S=128, BK_S=128, EPI_ACT=True,
+_BASE = dict(A_TOKEN=True, A_FP8=False, ACT_Q=0, W_FMT=1, SCALE_E8M0=False, BN_S=128, BK_S=128, FP8_NATIVE=True,
+             EPI_ACT=True,
              ACT=1, GATED=True, INTERLEAVED=False, HAS_BIAS=False, ROW_SCALE=False, QUANT_OUT=False, BLOCK_M=64,
              BLOCK_N=64, BLOCK_K=128)
 _PTRS = dict(a_ptr="*bf16", a_scale_ptr="*fp32", b_ptr="*u8", bs_ptr="*fp32", act_scale_ptr="*fp32",
@@ -54,6 +56,13 @@ VARIANTS = [
        EPI_ACT=False, GATED=False, HAS_BIAS=True, ROW_SCALE=True, BLOCK_K=64),
     _v("fp4-float-scales-gemm1", {}, W_FMT=2, BN_S=1, BK_S=32, BLOCK_K=64),
 ]
+# sm_80 has no fp8 type: W8A16 decodes the e4m3 bits, fp4 as everywhere
+# (the launcher picks BLOCK_K = 32 and 4 warps there).
+SM80 = [(label + ("" if label.endswith("sm80") else "-sm80"), k, p, dict(c, FP8_NATIVE=False, BLOCK_K=32))
+        for label, k, p, c in [
+            _v("fp8-w8a16-gemm1", {}, ACT_Q=0),
+            _v("fp8-w8a16-gemm2", {"c_ptr": "*fp32"}, A_TOKEN=False, EPI_ACT=False, GATED=False, ROW_SCALE=True),
+        ] + [v for v in VARIANTS if v[0].startswith(("mxfp4", "fp4"))]]
 W8A8 = {"fp8-w8a8-gemm1", "fp8-w8a8-gemm2", "fp8-w8a8-ue8m0-gemm1", "fp8-static-gemm1", "fp8-static-gemm2"}
 ARCHS = (90, 100)
 
@@ -106,6 +115,7 @@ def _worker_main(jobs_path, out_path):
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [(label, k, p, c, arch) for label, k, p, c in VARIANTS for arch in ARCHS]
+    jobs += [(label, k, p, c, 80) for label, k, p, c in SM80]
     jobs.append(("post-norm-combine", "_post_norm_combine_fwd_kernel",
                  {"y_ptr": "*bf16", "w_ptr": "*bf16", "token_slots_ptr": "*i32", "slot_weight_ptr": "*fp32",
                   "out_ptr": "*fp32"}, {"INPUT_SCALED": True, "BLOCK_H": 1024}, 90))
@@ -145,6 +155,15 @@ def test_quantized_variant_compiles(compiled, label, arch):
     else:
         want = "kind::f8f6f4" if label in W8A8 else "kind::f16"
         assert "tcgen05.mma" in mma and want in mma, (label, r["mma"])
+
+
+@pytest.mark.parametrize("label", [v[0] for v in SM80])
+def test_dequantize_in_registers_variants_compile_for_sm80(compiled, label):
+    r = compiled[(label, 80)]
+    assert "error" not in r, r.get("error")
+    assert r["shared"] <= r["limit"], r
+    assert r["local"] in (None, 0), f"{label} sm_80: {r['local']} bytes of local memory (spills)"
+    assert any("mma.sync" in m and "bf16" in m for m in r["mma"]), r["mma"]
 
 
 def test_post_norm_combine_compiles(compiled):

@@ -15,9 +15,14 @@ Pipeline (3 launches after routing and the plan):
 
 No backward: quantized experts refuse inputs that need gradients; float experts with a
 post-expert norm that need gradients run the torch backend's autograd path instead.
+On GPUs without FP8 tensor cores (compute capability < 8.9) fp8 experts run W8A16 (the
+activations stay in the compute dtype). Tile sizes are fixed by the format (the
+``gemm_config`` / autotune options of the float path do not apply here).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import triton
@@ -31,7 +36,7 @@ from ...quant import check_inference
 from ..torch.experts import experts_torch
 from . import on_device
 from .combine import combine
-from .quant_gemm import qgemm, qgemm_torch
+from .quant_gemm import fp8_mma, qgemm, qgemm_torch
 
 __all__ = ["quant_experts", "quant_experts_torch", "post_norm_combine", "post_norm_combine_torch"]
 
@@ -112,6 +117,8 @@ def post_norm_combine_torch(y: torch.Tensor, plan: DispatchPlan, norm: PostNorm)
 def _run(x, plan, params, gemm, comb, norm_comb):
     t, h = x.shape
     quant = params.quant
+    if quant is not None and quant.act != "none" and gemm is qgemm and not fp8_mma(x.device):
+        quant = replace(quant, act="none")  # no FP8 tensor cores (sm_80/86): W8A16, weights decoded in registers
     if plan.num_slots == 0:
         return x.new_zeros(t, h)
     w13 = quant.w13 if quant is not None else params.w13

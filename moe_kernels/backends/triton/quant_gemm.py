@@ -13,7 +13,8 @@ Activations (``ACT_Q``):
 
 * 0, none: fp8 / fp4 tiles are dequantized in registers (``q * scale``, exact in fp32),
   cast to A's dtype and multiplied with the native ``tl.dot`` of that dtype (W8A16,
-  W4A16). The right path where the GPU has no FP8 MMA (sm_80) and for FP4 weights with
+  W4A16); on GPUs without an fp8 type (sm_80/86, ``FP8_NATIVE=False``) the e4m3 bits
+  are decoded arithmetically. The right path where the GPU has no FP8 MMA (sm_80) and for FP4 weights with
   bf16 activations (sm_100's ``dot_scaled`` upcasts a bf16 x e2m1 product the same way).
 * 1, dynamic (fp8 only): W8A8 on the FP8 tensor cores (``wgmma ... e4m3.e4m3`` on sm_90,
   ``tcgen05.mma kind::f8f6f4`` on sm_100, ``mma.sync ... e4m3`` on sm_89):
@@ -46,7 +47,7 @@ from ...quant import E4M3_MAX, ExpertQuant, QuantizedWeight, dequantize, quantiz
 from . import on_device
 from .act import ACT_CODES, _act_fwd
 
-__all__ = ["qgemm", "qgemm_torch", "num_warps_for", "W_FLOAT", "W_FP8", "W_FP4"]
+__all__ = ["qgemm", "qgemm_torch", "num_warps_for", "fp8_mma", "W_FLOAT", "W_FP8", "W_FP4"]
 
 W_FLOAT, W_FP8, W_FP4 = 0, 1, 2
 _ACT_Q = {"none": 0, "dynamic": 1, "static": 2}
@@ -66,9 +67,20 @@ def _fp4_decode(p):
 
 
 @triton.jit
+def _e4m3_decode(p):
+    # e4m3fn bytes (uint8) -> fp32 without the fp8 type (sm_80 has none): sign bit 7,
+    # exponent bits 3-6 (bias 7), mantissa bits 0-2; exponent 0 is subnormal.
+    p = p.to(tl.int32)
+    e = (p >> 3) & 15
+    m = (p & 7).to(tl.float32) * 0.125
+    mag = tl.where(e == 0, m * 0.015625, (1.0 + m) * tl.exp2((e - 7).to(tl.float32)))
+    return tl.where((p & 128) != 0, -mag, mag)
+
+
+@triton.jit
 def _load_b(b_ptr, bs_ptr, e, brow, offs_k, k0, row_ok, K, stride_be, stride_bn, stride_bk, stride_se, stride_sn,
             W_FMT: tl.constexpr, SCALE_E8M0: tl.constexpr, BN_S: tl.constexpr, BK_S: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One [BLOCK_N, BLOCK_K] weight tile and a per-row fp32 scale: W_FP8 gives the raw e4m3
     # tile and its block scale; fp4 the dequantized fp32 tile (scale 1); float the tile as is.
     # (One return at the end: code after a constexpr-if return is still compiled.)
@@ -90,7 +102,10 @@ def _load_b(b_ptr, bs_ptr, e, brow, offs_k, k0, row_ok, K, stride_be, stride_bn,
         k = k0 + offs_k
         b = tl.load(base + k[None, :] * stride_bk, mask=row_ok[:, None] & (k < K)[None, :], other=0)
         if W_FMT == 1:  # e4m3 bytes arrive as uint8 (a masked fp8 load has no portable `other`)
-            b = b.to(tl.float8e4nv, bitcast=True)
+            if FP8_NATIVE:
+                b = b.to(tl.float8e4nv, bitcast=True)
+            else:  # no fp8 type on this GPU: decode the bits (W8A16 only)
+                b = _e4m3_decode(b)
             sb = tl.load(bs_ptr + e.to(tl.int64) * stride_se + (brow // BN_S) * stride_sn + k0 // BK_S, mask=row_ok,
                          other=0)
             if SCALE_E8M0:
@@ -140,7 +155,7 @@ def _qgemm_fwd_kernel(
     stride_csm,
     alpha, limit,
     A_TOKEN: tl.constexpr, A_FP8: tl.constexpr, ACT_Q: tl.constexpr, W_FMT: tl.constexpr,
-    SCALE_E8M0: tl.constexpr, BN_S: tl.constexpr, BK_S: tl.constexpr,
+    SCALE_E8M0: tl.constexpr, BN_S: tl.constexpr, BK_S: tl.constexpr, FP8_NATIVE: tl.constexpr,
     EPI_ACT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, QUANT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -191,11 +206,11 @@ def _qgemm_fwd_kernel(
         elif ACT_Q == 2:
             aq = _to_e4m3(a.to(tl.float32), sa)
         b, sb = _load_b(b_ptr, bs_ptr, e, grow, offs_k, k0, n_ok, K, stride_be, stride_bn, stride_bk, stride_se,
-                        stride_sn, W_FMT, SCALE_E8M0, BN_S, BK_S, BLOCK_N, BLOCK_K)
+                        stride_sn, W_FMT, SCALE_E8M0, BN_S, BK_S, FP8_NATIVE, BLOCK_N, BLOCK_K)
         acc_g = _mma(acc_g, a, aq, sa_t, b, sb, ACT_Q, W_FMT)
         if GATED and EPI_ACT:
             b, sb = _load_b(b_ptr, bs_ptr, e, urow, offs_k, k0, n_ok, K, stride_be, stride_bn, stride_bk, stride_se,
-                            stride_sn, W_FMT, SCALE_E8M0, BN_S, BK_S, BLOCK_N, BLOCK_K)
+                            stride_sn, W_FMT, SCALE_E8M0, BN_S, BK_S, FP8_NATIVE, BLOCK_N, BLOCK_K)
             acc_u = _mma(acc_u, a, aq, sa_t, b, sb, ACT_Q, W_FMT)
     if HAS_BIAS:
         bias = bias_ptr + e.to(tl.int64) * stride_bias_e
@@ -222,11 +237,22 @@ def _qgemm_fwd_kernel(
 # --------------------------------------------------------------------------- launcher
 
 
+def fp8_mma(device: torch.device) -> bool:
+    """Whether the device's tensor cores take e4m3 (sm_89 and newer; the interpreter runs
+    fp8 dots too). Elsewhere fp8 weights are decoded from their bits in registers."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def num_warps_for(consts: dict) -> int:
     """Warps of one launch from its constexprs: a gated GEMM1 holds two fp32 accumulators
-    (gate and up) and, quantizing A in registers (W8A8), 4 warps spill on sm_90 / sm_100, 8 do not
-    (tests/test_quant_aot.py)."""
-    return 8 if consts["EPI_ACT"] and consts["GATED"] and (consts["BLOCK_N"] >= 128 or consts["ACT_Q"]) else 4
+    (gate and up); with A quantized in registers (W8A8), BLOCK_N = 128 or fp4 tiles decoded
+    in registers, 4 warps spill on sm_80 / sm_90 / sm_100, 8 do not (tests/test_quant_aot.py)."""
+    if not consts["FP8_NATIVE"]:  # sm_80/86: BLOCK_K = 32 tiles fit 4 warps' registers
+        return 4
+    heavy = consts["BLOCK_N"] >= 128 or consts["ACT_Q"] or consts["W_FMT"] == W_FP4
+    return 8 if consts["EPI_ACT"] and consts["GATED"] and heavy else 4
 
 
 def _pow2_divisor(v: int, cap: int) -> int:
@@ -236,8 +262,16 @@ def _pow2_divisor(v: int, cap: int) -> int:
     return d
 
 
-def _block_k(w: QuantizedWeight | None, act_q: str, group: int) -> int:
+def _block_k(w: QuantizedWeight | None, act_q: str, group: int, fp8_native: bool = True) -> int:
+    # K tile: the activation group for W8A8 (one A scale per row per step); 64 for fp4 and a
+    # divisor of the fp8 block otherwise; 32 on GPUs without fp8 (sm_80/86), where decoding
+    # two 64-wide tiles in registers spills (tests/test_quant_aot.py).
     if w is None:
+        return 32
+    if not fp8_native:
+        if w.format == "fp8" and w.block[1] % 32:
+            raise ValueError(f"block: fp8 weights on a GPU without fp8 need K blocks of a multiple of 32, "
+                             f"got {w.block}")
         return 32
     if w.format == "fp4":
         return 64
@@ -267,11 +301,15 @@ def qgemm(a: torch.Tensor, w: torch.Tensor | QuantizedWeight, plan: DispatchPlan
     act_q = quant.act if quant is not None else "none"
     qw = w if isinstance(w, QuantizedWeight) else None
     group = quant.act_group if quant is not None else 128
+    fp8_native = fp8_mma(a.device)
+    if not fp8_native and act_q != "none":
+        raise ValueError(f"quant: {a.device} has no FP8 tensor cores (compute capability < 8.9): W8A8 cannot run; "
+                         f"quantize with act_scheme='none' (W8A16)")
     s = plan.num_slots
     n, k = out_cols, (qw.shape[2] if qw is not None else w.shape[2])
     quant_out = epilogue == "act" and act_q == "dynamic"
     block_n = group if quant_out else 64
-    block_k = _block_k(qw, act_q, group)
+    block_k = _block_k(qw, act_q, group, fp8_native)
     if a_scale is not None and block_k != group:
         raise ValueError("a_scale: an e4m3 A operand needs BLOCK_K = the activation group")
     c = _empty((s, n), dtype=torch.float8_e4m3fn if quant_out else out_dtype, device=a.device)
@@ -288,7 +326,8 @@ def qgemm(a: torch.Tensor, w: torch.Tensor | QuantizedWeight, plan: DispatchPlan
     if s == 0 or n == 0:
         return c, c_scale
     consts = dict(A_TOKEN=a_rows == "token", A_FP8=a_scale is not None, ACT_Q=_ACT_Q[act_q], W_FMT=w_fmt,
-                  SCALE_E8M0=e8m0, BN_S=bn_s, BK_S=bk_s, EPI_ACT=epilogue == "act", ACT=ACT_CODES[act.name],
+                  SCALE_E8M0=e8m0, BN_S=bn_s, BK_S=bk_s, FP8_NATIVE=fp8_native, EPI_ACT=epilogue == "act",
+                  ACT=ACT_CODES[act.name],
                   GATED=gated, INTERLEAVED=bool(interleaved), HAS_BIAS=bias is not None, ROW_SCALE=row_scale,
                   QUANT_OUT=quant_out, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     with on_device(a):
