@@ -245,3 +245,16 @@ def test_enable_mxfp4_switches_the_mlp():
         want, _ = mlp_ref(x)  # ... GptOssMLP its scores
         assert torch.equal(logits, torch.nn.functional.linear(x.reshape(-1, 64), mlp.router.weight, mlp.router.bias))
     assert ((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_fp8experts_resolve_on_meta_at_load_time():
+    # from_pretrained builds FP8Experts on the meta device, and our load-time check
+    # resolves them there (no data): the spec must come out without touching values.
+    cfg = _cfg(256, 128)
+    cfg._experts_implementation = "moe_kernels"
+    cls = use_experts_implementation(experts_class=fg.FP8Experts, experts_interface=fg.ALL_FP8_EXPERTS_FUNCTIONS)
+    with torch.device("meta"):
+        m = cls(cfg, block_size=(128, 128), scale_fmt="ue8m0")
+    spec = mkt.resolve(m)
+    assert spec.activation.name == "swiglu" and spec.quant.startswith("fp8 (128, 128) e8m0")
+    assert "moe_kernels" in fg.ALL_FP8_EXPERTS_FUNCTIONS._global_mapping
