@@ -238,7 +238,8 @@ def test_enable_mxfp4_switches_the_mlp():
     mlp = mx.Mxfp4GptOssMLP(mlp_ref.router, m)
     holder = torch.nn.Module()
     holder.mlp = mlp
-    assert mkt.enable_mxfp4(holder, backend="torch") == ["mlp.experts"]
+    specs = mkt.enable(holder, backend="torch")  # finds the MXFP4 experts (enable_mxfp4)
+    assert list(specs) == ["mlp.experts"] and specs["mlp.experts"].quant.startswith("fp4")
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got, logits = mlp(x)  # Mxfp4GptOssMLP returns the router logits ...

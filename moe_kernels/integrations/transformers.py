@@ -499,10 +499,17 @@ def registered() -> dict[str, str | None]:
 def enable(model: torch.nn.Module, backend: str | None = None, name: str = "moe_kernels") -> dict[str, ExpertsSpec]:
     """Switch a loaded model to the fused experts: register ``name``, check every experts
     module (raising before anything changes if one cannot be honoured), then
-    ``model.set_experts_implementation(name)``. Returns ``{module path: spec}``."""
+    ``model.set_experts_implementation(name)``; GPT-OSS MXFP4 experts, which that setting
+    does not reach, are switched by :func:`enable_mxfp4`. Returns ``{module path: spec}``
+    (MXFP4 modules under their path with a ``swiglu_oai`` fp4 spec)."""
     register(name, backend if backend is not None else _registered.get(name))
     specs = check(model)
-    model.set_experts_implementation(name)
+    if specs or hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(name)
+    for path in enable_mxfp4(model, backend):
+        m = model.get_submodule(path)
+        specs[path] = ExpertsSpec(Activation("swiglu_oai", float(m.alpha), float(m.limit)), True, False, True, True,
+                                  quant="fp4 (1, 32) e8m0 scales, act none")
     return specs
 
 
