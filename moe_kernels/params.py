@@ -16,15 +16,11 @@ slot's expert output before its routing weight.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from .activations import Activation, PostNorm
-
-if TYPE_CHECKING:  # quant.py builds ExpertParams: import it only for the annotation
-    from .quant import ExpertQuant
 
 __all__ = ["ExpertParams", "expert_params"]
 
@@ -44,7 +40,7 @@ class ExpertParams:
     activation: Activation
     interleaved: bool = False
     post_norm: PostNorm | None = None
-    quant: "ExpertQuant | None" = None
+    quant: object | None = None  # moe_kernels.quant.ExpertQuant (params stays below quant.py)
 
     @property
     def num_experts(self) -> int:

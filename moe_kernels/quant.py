@@ -363,28 +363,38 @@ def experts_quant_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParam
     float32 weights ``q * scale``, with the kernels' activation quantization (GEMM1's
     input rows; GEMM2's input from the float32 activation when dynamic, from h rounded to
     the compute dtype when static) and their rounding of h to the compute dtype otherwise.
-    Returns [T, H] in ``x``'s dtype."""
+    Returns [T, H] in ``x``'s dtype.
+
+    Float params (``quant`` None, e.g. with a post-expert norm) run the same pipeline in
+    their own dtype, differentiable (autograd through the torch ops)."""
     quant = params.quant
-    check_inference(x, plan.slot_weight, params)
     t, h = x.shape
+    if quant is not None:
+        check_inference(x, plan.slot_weight, params)
     if plan.num_slots == 0:
         return x.new_zeros(t, h)
-    w13, w2 = dequantize(quant.w13), dequantize(quant.w2)
     sorted_slot = plan.sorted_slot.long()
     src = plan.slot_token.index_select(0, sorted_slot).long()
-    expert = plan.slot_expert.index_select(0, sorted_slot).long().clamp(max=params.num_experts - 1)
-    rows = _fake_quant_act(x.index_select(0, src), quant, 1, expert).float()
-    b13 = None if params.b13 is None else params.b13.float()
-    b2 = None if params.b2 is None else params.b2.float()
-    h13 = grouped_linear(rows, w13, b13, plan)
-    hidden = apply_activation(h13, params.activation, params.interleaved)
-    if quant.act != "dynamic":  # GEMM1 writes h in the compute dtype; static quantization reads it back
-        hidden = hidden.to(x.dtype).float()
-    if quant.act != "none":
-        hidden = _fake_quant_act(hidden, quant, 2, expert)
-    y = grouped_linear(hidden, w2, b2, plan)
-    if params.post_norm is not None:
-        y = apply_post_norm(y.to(x.dtype), params.post_norm).float()
+    rows = x.index_select(0, src)
+    if quant is None:
+        h13 = grouped_linear(rows, params.w13, params.b13, plan)
+        y = grouped_linear(apply_activation(h13, params.activation, params.interleaved), params.w2, params.b2, plan)
+        y = apply_post_norm(y, params.post_norm).float()
+    else:
+        w13, w2 = dequantize(quant.w13), dequantize(quant.w2)
+        expert = plan.slot_expert.index_select(0, sorted_slot).long().clamp(max=params.num_experts - 1)
+        rows = _fake_quant_act(rows, quant, 1, expert).float()
+        b13 = None if params.b13 is None else params.b13.float()
+        b2 = None if params.b2 is None else params.b2.float()
+        h13 = grouped_linear(rows, w13, b13, plan)
+        hidden = apply_activation(h13, params.activation, params.interleaved)
+        if quant.act != "dynamic":  # GEMM1 writes h in the compute dtype; static quantization reads it back
+            hidden = hidden.to(x.dtype).float()
+        if quant.act != "none":
+            hidden = _fake_quant_act(hidden, quant, 2, expert)
+        y = grouped_linear(hidden, w2, b2, plan)
+        if params.post_norm is not None:
+            y = apply_post_norm(y.to(x.dtype), params.post_norm).float()
     y_slot = y.index_select(0, plan.slot_position.long()) * plan.slot_weight.float().unsqueeze(1)
     return combine_slots(y_slot, plan.token_slots).to(x.dtype)
 

@@ -135,8 +135,8 @@ class CudaBackend(Backend):
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params, options: KernelOptions | None = None) -> torch.Tensor:
         if params.quant is not None or params.post_norm is not None:  # quantized / post-norm experts: Triton's path
             if x.is_cuda and _triton_experts(x.device) is not None:
-                from ..triton.quant_experts import quant_experts
-                return quant_experts(x, plan, params, options)
+                from ..triton.backend import TritonBackend  # Triton's public surface routes them
+                return TritonBackend().experts(x, plan, params, options)
             from ...quant import experts_quant_torch
             return experts_quant_torch(x, plan, params) if params.quant is not None else experts_torch(x, plan, params)
         triton_experts = _triton_experts(x.device) if x.is_cuda else None

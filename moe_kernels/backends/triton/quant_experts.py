@@ -32,8 +32,7 @@ from ...activations import PostNorm
 from ...options import KernelOptions
 from ...params import ExpertParams
 from ...plan import DispatchPlan
-from ...quant import check_inference
-from ..torch.experts import experts_torch
+from ...quant import check_inference, experts_quant_torch
 from . import on_device
 from .combine import combine
 from .quant_gemm import fp8_mma, qgemm, qgemm_torch
@@ -142,7 +141,7 @@ def quant_experts(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
         check_inference(x, plan.slot_weight, params)
     elif torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (
             x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight, params.post_norm.weight)):
-        return experts_torch(x, plan, params)  # training through the norm: autograd of the torch path
+        return experts_quant_torch(x, plan, params)  # training through the norm: autograd of the torch ops
     return _run(x, plan, params, qgemm, combine, post_norm_combine)
 
 
