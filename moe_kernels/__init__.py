@@ -41,9 +41,9 @@ def replace_moe_layers(model, backend="auto", **kwargs):
 
 
 __all__ = [
-    "ACTIVATIONS", "Activation", "DispatchPlan", "ExpertParams", "KernelOptions", "MoE", "MoEConfig", "PostNorm",
-    "ROUTERS", "Routing", "quantize_experts", "quantized_params",
+    "ACTIVATIONS", "Activation", "DispatchPlan", "ExpertParams", "KernelOptions", "MoE", "MoEConfig", "ROUTERS", "Routing",
     "available_backends", "build_plan", "dense_softmax", "expert_choice", "expert_params", "fused_experts",
     "get_backend", "grouped_sigmoid_topk", "moe", "moe_reference", "noisy_topk", "replace_moe_layers", "route",
     "softmax_topk", "switch", "z_loss", "__version__",
 ]
+__all__ += ["PostNorm", "quantize_experts", "quantized_params"]  # quantized experts (moe_kernels.quant)
