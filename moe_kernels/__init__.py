@@ -7,13 +7,14 @@ kernels serve them all. Backends: ``torch`` (pure PyTorch, any device), ``triton
 transformers, and works without the CUDA extension.
 """
 
-from .activations import ACTIVATIONS, Activation
+from .activations import ACTIVATIONS, Activation, PostNorm
 from .backends import available_backends, get_backend
 from .functional import fused_experts, moe
 from .layer import MoE, MoEConfig
 from .options import KernelOptions
 from .params import ExpertParams, expert_params
 from .plan import DispatchPlan, build_plan
+from .quant import quantize_experts, quantized_params
 from .reference import moe_reference
 from .routing import (
     ROUTERS,
@@ -75,3 +76,4 @@ __all__ = [
     "get_backend", "grouped_sigmoid_topk", "moe", "moe_reference", "noisy_topk", "replace_moe_layers", "route",
     "softmax_topk", "switch", "z_loss", "__version__",
 ]
+__all__ += ["PostNorm", "quantize_experts", "quantized_params"]  # quantized experts (moe_kernels.quant)

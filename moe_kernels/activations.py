@@ -13,11 +13,24 @@ geglu          yes    gelu(g) * u                     (erf form)
 geglu_tanh     yes    gelu_tanh(g) * u
 swiglu_oai     yes    (clamp(u, -L, L) + 1) * g' * sigmoid(alpha * g'),
                       g' = clamp(g, max=L)            (GPT-OSS; alpha, limit=L)
+swiglu_clamp   yes    silu(clamp(g, max=L)) * clamp(u, -L, L)
+                                                      (DeepSeek-V4, GLM-5-next, HY-V4; limit=L)
+swiglu_softcap yes    cg*tanh(g/cg) * sigmoid(g) * cu*tanh(u/cu)
+                                                      (Inkling2; alpha=cg, limit=cu)
 gelu           no     gelu(h1)
 gelu_tanh      no     gelu_tanh(h1)
 relu           no     relu(h1)
 silu           no     silu(h1)
+relu2          no     relu(h1)^2                      (Nemotron-H)
 =============  =====  =====================================================
+
+An activation carries two scalars, ``alpha`` and ``limit``, whose meaning depends on
+the name (the kernels take the same two): ``swiglu_oai`` uses both, ``swiglu_clamp``
+uses ``limit``, ``swiglu_softcap`` reads ``alpha`` as the gate softcap ``cg`` and
+``limit`` as the up softcap ``cu`` (:meth:`Activation.softcapped` names them).
+
+After the second matmul an expert may apply a per-row norm before its routing weight
+(:class:`PostNorm`, HF's ``has_post_expert_norm``, MuseSpark).
 
 The math runs in float32 and the result is cast back to the input dtype, the same in
 the reference, the torch backend and the kernels' epilogues.
@@ -31,16 +44,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Activation", "ACTIVATIONS", "apply_activation", "split_gate_up"]
+__all__ = ["Activation", "ACTIVATIONS", "PostNorm", "apply_activation", "apply_post_norm", "split_gate_up"]
 
-GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai")
-PLAIN = ("gelu", "gelu_tanh", "relu", "silu")
+GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamp", "swiglu_softcap")
+PLAIN = ("gelu", "gelu_tanh", "relu", "silu", "relu2")
 ACTIVATIONS = GATED + PLAIN
 
 
 @dataclass(frozen=True)
 class Activation:
-    """An expert activation; ``alpha`` and ``limit`` are used by ``swiglu_oai`` only."""
+    """An expert activation; ``alpha`` and ``limit`` as in the module docstring's table
+    (ignored by the activations without parameters)."""
 
     name: str = "swiglu"
     alpha: float = 1.702
@@ -54,8 +68,20 @@ class Activation:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{field}: expected a finite number, got {v!r}")
-        if self.name == "swiglu_oai" and not (self.limit > 0):
-            raise ValueError(f"limit: expected > 0 for swiglu_oai, got {self.limit}")
+        if self.name in ("swiglu_oai", "swiglu_clamp", "swiglu_softcap") and not (self.limit > 0):
+            raise ValueError(f"limit: expected > 0 for {self.name}, got {self.limit}")
+        if self.name == "swiglu_softcap" and not (self.alpha > 0):
+            raise ValueError(f"alpha: expected a gate softcap > 0 for swiglu_softcap, got {self.alpha}")
+
+    @classmethod
+    def softcapped(cls, gate_softcap: float, up_softcap: float) -> "Activation":
+        """``swiglu_softcap`` (Inkling2): ``cg*tanh(g/cg) * sigmoid(g) * cu*tanh(u/cu)``."""
+        return cls("swiglu_softcap", float(gate_softcap), float(up_softcap))
+
+    @classmethod
+    def clamped(cls, limit: float) -> "Activation":
+        """``swiglu_clamp`` (DeepSeek-V4): ``silu(clamp(g, max=L)) * clamp(u, -L, L)``."""
+        return cls("swiglu_clamp", limit=float(limit))
 
     @property
     def gated(self) -> bool:
@@ -86,6 +112,8 @@ def _plain(name: str, v: torch.Tensor) -> torch.Tensor:
         return F.gelu(v, approximate="tanh")
     if name == "relu":
         return F.relu(v)
+    if name == "relu2":
+        return torch.square(F.relu(v))
     return F.silu(v)  # silu, swiglu
 
 
@@ -101,4 +129,47 @@ def apply_activation(h13: torch.Tensor, act: Activation, interleaved: bool = Fal
         g = g.clamp(max=act.limit)
         u = u.clamp(min=-act.limit, max=act.limit)
         return ((u + 1) * (g * torch.sigmoid(g * act.alpha))).to(dtype)
+    if act.name == "swiglu_clamp":
+        return (F.silu(g.clamp(max=act.limit)) * u.clamp(min=-act.limit, max=act.limit)).to(dtype)
+    if act.name == "swiglu_softcap":
+        cg, cu = act.alpha, act.limit
+        return (torch.tanh(g / cg) * cg * torch.sigmoid(g) * (torch.tanh(u / cu) * cu)).to(dtype)
     return (_plain(act.name, g) * u).to(dtype)
+
+
+_NORM_KINDS = ("input_scaled_rms", "rms")
+
+
+@dataclass(frozen=True, eq=False)
+class PostNorm:
+    """A per-row norm of each slot's expert output, applied before its routing weight.
+
+    ``input_scaled_rms`` (MuseSpark's ``InputScaledRMSNorm``): ``z = y * (1 + weight)``
+    rounded to ``y``'s dtype, then ``z * rsqrt(mean(z^2) + eps)``; ``rms``: ``y *
+    rsqrt(mean(y^2) + eps) * weight``. ``weight`` [H]; math in float32, the result in
+    ``y``'s dtype."""
+
+    weight: torch.Tensor
+    eps: float = 1e-6
+    kind: str = "input_scaled_rms"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _NORM_KINDS:
+            raise ValueError(f"kind: expected one of {list(_NORM_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.weight, torch.Tensor) or self.weight.dim() != 1:
+            raise ValueError(f"weight: expected a 1-D [H] tensor, got "
+                             f"{tuple(self.weight.shape) if isinstance(self.weight, torch.Tensor) else self.weight!r}")
+        if not (self.eps > 0):  # eps = 0 would turn an all-zero row (a dropped slot) into NaN
+            raise ValueError(f"eps: expected > 0, got {self.eps}")
+
+
+def apply_post_norm(y: torch.Tensor, norm: PostNorm | None) -> torch.Tensor:
+    """The pure-PyTorch twin of the post-expert norm on rows of ``y`` [S, H]."""
+    if norm is None:
+        return y
+    w = norm.weight.float()
+    if norm.kind == "input_scaled_rms":
+        z = (y.float() * (1.0 + w)).to(y.dtype).float()
+        return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + norm.eps)).to(y.dtype)
+    v = y.float()
+    return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * w).to(y.dtype)

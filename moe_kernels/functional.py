@@ -89,8 +89,8 @@ def kernel_options(options: KernelOptions | None = None, **fields) -> KernelOpti
 def moe(
     x: torch.Tensor,
     router_logits: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | ExpertParams,
+    w2: torch.Tensor | None = None,
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     *,
@@ -107,14 +107,16 @@ def moe(
     options: KernelOptions | None = None,
     **router_options,
 ):
-    """One MoE layer from router logits: route, then :func:`fused_experts`.
+    """One MoE layer from router logits: route, then :func:`fused_experts`. ``w13`` may be
+    an :class:`ExpertParams` (e.g. from :func:`moe_kernels.quantize_experts`).
 
     ``router`` names a router of :mod:`moe_kernels.routing` and ``router_options`` are
     its keyword arguments (``top_k=2``, ``renormalize=False``, ``capacity_factor=1.25``,
     ``bias=...``, ``n_group=8``, ...). With ``return_routing=True`` returns
     ``(out, routing)`` so the caller can read the aux losses in ``routing.losses``. Kernel
     options as for :func:`fused_experts`."""
-    params = expert_params(w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
+    params = w13 if isinstance(w13, ExpertParams) else expert_params(
+        w13, w2, b13, b2, activation=activation, transposed=transposed, interleaved=interleaved)
     check_tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
     check_inputs(x, params)
     check_same_device([("x", x), ("router_logits", router_logits)])

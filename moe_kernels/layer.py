@@ -21,6 +21,7 @@ from .backends import BACKEND_NAMES, get_backend, unavailable_reason
 from .functional import check_inputs, empty_output
 from .options import KernelOptions
 from .params import expert_params
+from .quant import module_quantized_params, quantize_module_
 from .routing import Routing, router_jitter, router_name, weighted_aux_loss, z_loss
 
 __all__ = ["MoE", "MoEConfig", "router_options", "StepState"]
@@ -294,6 +295,13 @@ class MoE(StepOutputs, nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
+    def quantize_(self, format: str = "fp8_block", **kwargs) -> "MoE":
+        """Quantize the expert weights in place for inference (:func:`moe_kernels.quantize_experts`
+        formats and options): ``w13``/``w2`` become buffers of the quantized storage with
+        ``w13_scale``/``w2_scale``; the layer then refuses inputs that need gradients."""
+        quantize_module_(self, format, **kwargs)
+        return self
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"hidden_size={c.hidden_size}, intermediate_size={c.intermediate_size}, num_experts={c.num_experts}, "
@@ -326,6 +334,9 @@ class MoE(StepOutputs, nn.Module):
         """The expert weights in the compute dtype: under ``torch.autocast`` the float32
         master weights are cast (differentiably) to the autocast dtype, as autocast does
         for ``nn.Linear``; otherwise they are used as they are."""
+        quantized = module_quantized_params(self)  # after quantize_(): the quantized weights
+        if quantized is not None:
+            return quantized
         weights = [self.w13, self.w2, self.b13, self.b2]
         if self.w13.dtype != dtype:
             weights = [None if w is None else w.to(dtype) for w in weights]

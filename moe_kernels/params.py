@@ -5,16 +5,22 @@ every backend sees :class:`ExpertParams`, whose ``w13`` is *logically*
 ``[E, n*I, H]`` and ``w2`` logically ``[E, H, I]`` (``n = 2`` gated, 1 plain). A
 transposed storage becomes a transposed *view*, never a copy: the torch backend's
 matmuls and the Triton kernels take strides.
+
+Quantized experts (:func:`moe_kernels.quant.quantize_experts`) are ExpertParams whose
+``quant`` holds the quantized weights and scales (``w13``/``w2`` are then the raw
+quantized storage, used in place; the shape properties read the logical shape). An
+optional ``post_norm`` (:class:`~moe_kernels.activations.PostNorm`) normalises each
+slot's expert output before its routing weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
-from .activations import Activation
+from .activations import Activation, PostNorm
 from .routing import Routing
 
 __all__ = ["ExpertParams", "expert_params", "check_inputs"]
@@ -34,6 +40,8 @@ class ExpertParams:
     b2: torch.Tensor | None
     activation: Activation
     interleaved: bool = False
+    post_norm: PostNorm | None = None
+    quant: object | None = None  # moe_kernels.quant.ExpertQuant (params stays below quant.py)
 
     @property
     def num_experts(self) -> int:
@@ -41,15 +49,25 @@ class ExpertParams:
 
     @property
     def hidden_size(self) -> int:
-        return self.w13.shape[2]
+        return self.quant.w13.shape[2] if self.quant is not None else self.w13.shape[2]
 
     @property
     def intermediate_size(self) -> int:
-        return self.w2.shape[2]
+        return self.quant.w2.shape[2] if self.quant is not None else self.w2.shape[2]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.w13.dtype
+        """The compute dtype: activations in and out (the weights' dtype unless quantized)."""
+        return self.quant.dtype if self.quant is not None else self.w13.dtype
+
+    def with_post_norm(self, norm: PostNorm | None) -> "ExpertParams":
+        """These params with a post-expert norm (weight [H] on the params' device)."""
+        if norm is not None:
+            if norm.weight.shape[0] != self.hidden_size:
+                raise ValueError(f"post_norm: expected a weight of shape ({self.hidden_size},), got "
+                                 f"{tuple(norm.weight.shape)}")
+            check_same_device([("w13", self.w13), ("post_norm.weight", norm.weight)])
+        return replace(self, post_norm=norm)
 
     @property
     def device(self) -> torch.device:
@@ -65,6 +83,7 @@ def expert_params(
     activation: str | Activation = "swiglu",
     transposed: bool = False,
     interleaved: bool = False,
+    post_norm: PostNorm | None = None,
 ) -> ExpertParams:
     """Validate expert weights and build :class:`ExpertParams`.
 
@@ -76,7 +95,7 @@ def expert_params(
     * ``interleaved=True``: W13's gate and up rows alternate (gate 0, up 0, gate 1, ...).
 
     Every tensor must be contiguous in its storage layout; a non-contiguous tensor is an
-    error rather than a silent copy per call."""
+    error rather than a silent copy per call. ``post_norm``: see :class:`ExpertParams`."""
     act = Activation.of(activation)
     check_tensor("w13", w13, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("w2", w2, ndim=3, dtypes=FLOAT_DTYPES)
@@ -111,7 +130,8 @@ def expert_params(
         check_tensor("b2", b2, ndim=2)
         if tuple(b2.shape) != (e, h):
             raise ValueError(f"b2: expected shape ({e}, {h}), got {tuple(b2.shape)}")
-    return ExpertParams(w13, w2, b13, b2, act, interleaved)
+    params = ExpertParams(w13, w2, b13, b2, act, interleaved)
+    return params if post_norm is None else params.with_post_norm(post_norm)
 
 
 def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None = None) -> None:
@@ -120,7 +140,10 @@ def check_inputs(x: torch.Tensor, params: ExpertParams, routing: Routing | None 
     if routing is not None and not isinstance(routing, Routing):
         raise ValueError(f"routing: expected a Routing (from a router of moe_kernels.routing, or Routing.from_topk "
                          f"for [T, k] ids and weights), got {type(routing).__name__}")
-    check_same_dtype([("x", x), ("w13", params.w13)])
+    if params.quant is None:
+        check_same_dtype([("x", x), ("w13", params.w13)])
+    elif x.dtype != params.dtype:  # quantized experts: x in their compute dtype
+        raise ValueError(f"x: expected dtype {params.dtype} (the quantized experts' compute dtype), got {x.dtype}")
     check_same_device([("x", x), ("w13", params.w13)])
     if x.shape[1] != params.hidden_size:
         raise ValueError(f"x: expected hidden size {params.hidden_size} (from w13), got shape {tuple(x.shape)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import apply_activation
+from .activations import apply_activation, apply_post_norm
 from .params import ExpertParams, check_inputs
 from .routing import Routing
 
@@ -42,6 +42,7 @@ def moe_reference(x: torch.Tensor, routing: Routing, params: ExpertParams) -> to
         y = hidden @ params.w2[e].t()
         if params.b2 is not None:
             y = y + params.b2[e]
+        y = apply_post_norm(y, params.post_norm)
         w = routing.slot_weight[sel].to(out.dtype).unsqueeze(1)
         out = out.index_add(0, token[sel], y.to(out.dtype) * w)
     return out.to(x.dtype)

@@ -244,15 +244,21 @@ def _standalone_experts(apply_gate=None, **flags):
     return cls(cfg)
 
 
-def test_post_expert_norm_raises():
-    with pytest.raises(mkt.UnsupportedExpertsError, match="has_post_expert_norm"):
+def test_post_expert_norm_without_a_norm_module_raises():
+    # has_post_expert_norm is supported (tests/test_hf_families.py); a module declaring it
+    # without a recognisable post_expert_norm is refused, naming it.
+    with pytest.raises(mkt.UnsupportedExpertsError, match="post_expert_norm"):
         mkt.resolve(_standalone_experts(has_post_expert_norm=True))
 
 
 def test_unknown_apply_gate_raises_and_known_variants_resolve():
-    def clamped_silu(self, gate_up):  # HY-V4 / GLM-5-Next style: not an activation we have
+    def clamped_silu(self, gate_up):  # HY-V4 / GLM-5-Next style: swiglu_clamp with the module's limit
         gate, up = gate_up.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate.clamp(max=self.limit)) * up.clamp(-self.limit, self.limit)
+
+    def squared_gate(self, gate_up):  # not an activation we have
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gate * gate * up
 
     def oai_concatenated(self, gate_up):  # OpenAI privacy filter / MiniMax-M3: concatenated rows
         gate, up = gate_up.chunk(2, dim=-1)
@@ -260,7 +266,9 @@ def test_unknown_apply_gate_raises_and_known_variants_resolve():
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
     with pytest.raises(mkt.UnsupportedExpertsError, match="does not implement"):
-        mkt.resolve(_standalone_experts(clamped_silu))
+        mkt.resolve(_standalone_experts(squared_gate))
+    spec = mkt.resolve(_standalone_experts(clamped_silu))
+    assert spec.activation.name == "swiglu_clamp" and spec.activation.limit == 7.0
     spec = mkt.resolve(_standalone_experts(oai_concatenated))
     assert spec.activation.name == "swiglu_oai" and not spec.interleaved
     assert mkt.resolve(_standalone_experts()).activation.name == "swiglu"

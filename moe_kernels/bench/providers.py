@@ -144,12 +144,14 @@ class Provider:
     roofline: bool = True          # False: routing + plan only, no FLOPs to speak of
     fwd_only: bool = False
     loop_per_expert: bool = False  # a host-synchronising loop over experts (slow-cell estimate)
+    quant: str | None = None       # weights quantized to this format (roofline bytes count it)
     # Providers with per-call setup (the HF module) cache it per weight set here.
     cache: dict = field(default_factory=dict)
 
     def unavailable(self, device: torch.device, dtype: torch.dtype, shape: ModelShape, mode: str) -> str | None:
         if mode == "fwdbwd" and self.fwd_only:
-            return "forward only (routing and plan have no backward to time)"
+            return ("forward only (quantized experts are inference-only)" if self.quant else
+                    "forward only (routing and plan have no backward to time)")
         return self.check(device, dtype, shape)
 
 
@@ -164,6 +166,38 @@ def _experts_provider(name: str) -> Provider:
         return (lambda: fused_experts(inp.x, inp.routing, w.params, backend=name),
                 [inp.x, *w.leaves, inp.routing.slot_weight])
     return Provider(name, fwd, _backend_check(name))
+
+
+def _quant_check(name: str, fmt: str):
+    def check(device, dtype, shape):
+        if dtype == torch.float64:
+            return "quantized experts compute in float16, bfloat16 or float32"
+        if fmt == "mxfp4" and (shape.hidden % 32 or shape.intermediate % 32):
+            return f"mxfp4 needs H and I multiples of 32 (H={shape.hidden}, I={shape.intermediate})"
+        return available_backends(device)[name]
+    return check
+
+
+def _quant_provider(name: str, fmt: str) -> Provider:
+    """Forward of ``fused_experts`` on weights quantized once per weight set
+    (:func:`moe_kernels.quantize_experts`; fp8: W8A8 with dynamic 1x128 activations)."""
+    from ..quant import quantize_experts
+
+    prov: Provider
+
+    def fwd(shape, w, inp):
+        key = id(w)
+        if key not in prov.cache:
+            s = w.storage
+            with torch.no_grad():
+                prov.cache[key] = quantize_experts(s["w13"].detach(), s["w2"].detach(), s["b13"], s["b2"],
+                                                   format=fmt, activation=shape.activation,
+                                                   transposed=shape.transposed, interleaved=shape.interleaved)
+        params = prov.cache[key]
+        return (lambda: fused_experts(inp.x, inp.routing, params, backend=name), [])
+
+    prov = Provider(f"{name}:{fmt.replace('_block', '')}", fwd, _quant_check(name, fmt), fwd_only=True, quant=fmt)
+    return prov
 
 
 def _layer_provider(name: str) -> Provider:
@@ -307,6 +341,8 @@ def _all_providers() -> dict[str, Provider]:
     provs = []
     for b in BACKEND_NAMES:
         provs += [_experts_provider(b), _layer_provider(b), _routing_provider(b), _routing_provider(b, plan_only=True)]
+    for b in ("torch", "triton"):
+        provs += [_quant_provider(b, "fp8_block"), _quant_provider(b, "mxfp4")]
     provs += [Provider("reference", _reference_forward, loop_per_expert=True),
               _hf_provider("eager"), _hf_provider("grouped_mm"),
               Provider("grouped_mm", _grouped_mm_forward, _grouped_mm_check)]
@@ -326,6 +362,8 @@ def default_providers(device: torch.device) -> list[str]:
     for b, reason in available_backends(device).items():
         if reason is None:
             names += [b, f"{b}:layer", f"{b}:routing", f"{b}:plan"]
+            if b == "triton":
+                names += ["triton:fp8", "triton:mxfp4"]
     return names + ["reference", "hf_eager", "hf_grouped_mm", "grouped_mm"]
 
 

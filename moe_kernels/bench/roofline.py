@@ -13,6 +13,10 @@ Conventions (see docs/PERFORMANCE.md):
   read once, ``out`` written once. Forward+backward: weights read twice and their
   gradients written once (``3×``), plus ``x``, ``out``, ``dout``, ``x`` again (for dW13)
   and ``dx`` (``5·T·H`` elements). Routing tensors are ignored (under 1%).
+* Quantized providers (``<backend>:fp8``, ``<backend>:mxfp4``) count their weights at the
+  format's size, scales included (1.0002 and 0.53 bytes per element), so the memory floor
+  of a decode step halves or quarters; FLOPs are the same (the matmul peak is the
+  compute dtype's, so a W8A8 provider can pass 1.0 on compute-bound cells).
 * Time floor: ``max(FLOPs / peak matmul rate, bytes / copy bandwidth)`` with both peaks
   measured in the same run; the fraction of the roofline is ``floor / measured time``.
 """
@@ -24,7 +28,7 @@ from dataclasses import dataclass, replace
 
 __all__ = [
     "ModelShape", "SHAPES", "SIZES", "DEFAULT_TOKENS", "scaled_shape", "parse_shapes",
-    "expected_active_experts", "expected_active_experts_with_replacement", "layer_flops",
+    "expected_active_experts", "expected_active_experts_with_replacement", "layer_flops", "QUANT_WEIGHT_BYTES",
     "expert_weight_bytes", "layer_min_bytes", "Roofline",
 ]
 
@@ -130,19 +134,28 @@ def _mode_factor(mode: str) -> int:
     return 1 if mode == "fwd" else 3
 
 
-def expert_weight_bytes(shape: ModelShape, dtype_bytes: int) -> int:
-    """Bytes of one expert: W13 (``n·I×H``), W2 (``H×I``) and the biases if any."""
+# Bytes per weight element of the quantized formats, scales included: fp8 e4m3 with one
+# fp32 scale per 128x128 block; MXFP4 e2m1 (half a byte) with one e8m0 byte per 32.
+QUANT_WEIGHT_BYTES = {"fp8_block": 1.0 + 4.0 / (128 * 128), "mxfp4": 0.5 + 1.0 / 32}
+
+
+def expert_weight_bytes(shape: ModelShape, dtype_bytes: int, quant: str | None = None) -> float:
+    """Bytes of one expert: W13 (``n·I×H``), W2 (``H×I``) and the biases if any (in the
+    activations' dtype); ``quant`` (a key of :data:`QUANT_WEIGHT_BYTES`) counts the
+    matrices at that format's size."""
     n = 2 if shape.gated else 1
     elems = n * shape.intermediate * shape.hidden + shape.hidden * shape.intermediate
-    if shape.bias:
-        elems += n * shape.intermediate + shape.hidden
-    return elems * dtype_bytes
+    per = QUANT_WEIGHT_BYTES[quant] if quant else dtype_bytes
+    bias = (n * shape.intermediate + shape.hidden) * dtype_bytes if shape.bias else 0
+    total = elems * per + bias
+    return int(total) if quant is None else total
 
 
 def layer_min_bytes(shape: ModelShape, num_tokens: int, active_experts: float, dtype_bytes: int,
-                    mode: str = "fwd") -> float:
-    """The fewest bytes one layer call must move (module docstring)."""
-    w = active_experts * expert_weight_bytes(shape, dtype_bytes)
+                    mode: str = "fwd", quant: str | None = None) -> float:
+    """The fewest bytes one layer call must move (module docstring); ``quant``: weights
+    stored in that format (:func:`expert_weight_bytes`)."""
+    w = active_experts * expert_weight_bytes(shape, dtype_bytes, quant)
     act = float(num_tokens) * shape.hidden * dtype_bytes
     return w + 2 * act if _mode_factor(mode) == 1 else 3 * w + 5 * act
 

@@ -135,7 +135,7 @@ def _cell_setup(prov, shape, t, mode, weights, inputs, roof: Roofline, cfg: dict
     active = sum(i.active_experts for i in inputs) / len(inputs)
     valid = sum(int((i.routing.slot_expert < shape.num_experts).sum()) for i in inputs) / len(inputs)
     flops = layer_flops(valid, shape.hidden, shape.intermediate, gated=shape.gated, mode=mode)
-    nbytes = layer_min_bytes(shape, t, active, dbytes, mode)
+    nbytes = layer_min_bytes(shape, t, active, dbytes, mode, quant=prov.quant)
     floor, bound = roof.floor(flops, nbytes)
     row.update(active_experts=round(active, 2))
     if prov.roofline:

@@ -133,6 +133,12 @@ class CudaBackend(Backend):
         return DispatchPlan.from_fields(routing, bm, fields)
 
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params, options: KernelOptions | None = None) -> torch.Tensor:
+        if params.quant is not None or params.post_norm is not None:  # quantized / post-norm experts: Triton's path
+            if x.is_cuda and _triton_experts(x.device) is not None:
+                from ..triton.backend import TritonBackend  # Triton's public surface routes them
+                return TritonBackend().experts(x, plan, params, options)
+            from ...quant import experts_quant_torch
+            return experts_quant_torch(x, plan, params) if params.quant is not None else experts_torch(x, plan, params)
         triton_experts = _triton_experts(x.device) if x.is_cuda else None
         if triton_experts is not None:
             return triton_experts(x, plan, params, options)

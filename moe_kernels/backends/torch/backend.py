@@ -29,4 +29,7 @@ class TorchBackend(Backend):
 
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:
+        if params.quant is not None:  # quantized experts: the dequantizing twin (moe_kernels.quant)
+            from ...quant import experts_quant_torch
+            return experts_quant_torch(x, plan, params)
         return experts_torch(x, plan, params)

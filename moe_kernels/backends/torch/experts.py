@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..._checks import _compiling
-from ...activations import apply_activation
+from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...primitives import combine_slots, grouped_linear, zero_link
@@ -59,7 +59,7 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
         offsets = plan.host_offsets if plan.host_offsets is not None else plan.expert_offsets.tolist()
     h13 = grouped_linear(rows, params.w13, params.b13, plan, offsets=offsets)
     hidden = apply_activation(h13, params.activation, params.interleaved)
-    y = grouped_linear(hidden, params.w2, params.b2, plan, offsets=offsets)
+    y = apply_post_norm(grouped_linear(hidden, params.w2, params.b2, plan, offsets=offsets), params.post_norm)
     y_slot = y.index_select(0, plan.slot_position).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
     k = plan.top_k
     if k is not None and plan.max_slots_per_token == k:

@@ -66,4 +66,7 @@ class TritonBackend(Backend):
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:
         warn_if_bf16_interpreted(x, params.w13)
+        if params.quant is not None or params.post_norm is not None:  # quantized / post-norm experts (quant_experts.py)
+            from .quant_experts import quant_experts
+            return quant_experts(x, plan, params, options)
         return moe_experts(x, plan, params, options)
