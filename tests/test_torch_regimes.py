@@ -8,6 +8,7 @@ import torch
 
 import moe_kernels.primitives as prim
 from moe_kernels import MoE, expert_params, fused_experts, moe_reference
+from moe_kernels.plan import build_plan_torch
 from moe_kernels.routing import Routing, softmax_topk, switch
 from moe_kernels.testing import assert_close
 
@@ -167,3 +168,25 @@ def test_frozen_experts_gradient_of_x_only(method):
     (got,) = torch.autograd.grad(fused_experts(x, r, params, backend="torch"), [x], dout)
     (want,) = torch.autograd.grad(moe_reference(x, r, params), [x], dout)
     assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("t,e,k,drop", [(1, 8, 2, False), (3, 5, 2, True), (8, 256, 8, False), (7, 13, 3, True)])
+def test_cpu_plan_paths_agree(t, e, k, drop):
+    # The torch backend's CPU plan (one-row blocks): the host path for few slots, the
+    # tensor path, and the general builder give the same fields, all valid.
+    from moe_kernels.plan import PLAN_INDEX_FIELDS, _build_plan_rows_cpu, _build_plan_rows_host
+
+    gen = torch.Generator().manual_seed(t * 100 + e)
+    ids = torch.randint(0, e, (t, k), generator=gen)
+    if drop:  # sentinel ids: dropped slots, first and mid-row
+        ids[0, 1], ids[-1, 0] = e + 3, -1
+    r = Routing.from_topk(ids, torch.rand(t, k, generator=gen), e)
+    host, tens = _build_plan_rows_host(r), _build_plan_rows_cpu(r)
+    for f in PLAN_INDEX_FIELDS:
+        assert torch.equal(getattr(host, f), getattr(tens, f)), f
+    assert host.host_offsets == tens.host_offsets == tens.expert_offsets.tolist()
+    host.check_values()
+    tens.check_values()
+    general = build_plan_torch(r, 2)  # the general builder (two-row blocks): same sort and counts
+    for f in ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "token_slots"):
+        assert torch.equal(getattr(general, f), getattr(host, f)), f
