@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import _compiling, check_int, deep_checks_enabled
-from ._checks import value_checks_enabled  # noqa: F401 (unused here now; tests still patch it)
 from .routing import Routing
 
 __all__ = ["DispatchPlan", "PLAN_INDEX_FIELDS", "build_plan", "build_plan_torch", "max_padded_rows"]
@@ -314,8 +313,8 @@ def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:
         if routing.num_slots <= HOST_PLAN_MAX_SLOTS and routing.top_k == routing.max_slots_per_token:
             return _build_plan_rows_host(routing)
         return _build_plan_rows_cpu(routing)
-    e, t = routing.num_experts, routing.num_tokens
-    s, k = routing.num_slots, routing.max_slots_per_token
+    e = routing.num_experts
+    s = routing.num_slots
     dev = routing.slot_token.device
     i32 = torch.int32
     se = routing.slot_expert.long()

@@ -263,7 +263,7 @@ def fastest_summary(rows: Sequence[dict]) -> str:
     parts = [f"{p} in {c} of {n}" for p, c in order]
     lead = order[0][0]
     head = (f"Fastest provider: {lead} in every one of the {n} cells compared" if len(order) == 1 else
-            f"Fastest provider per cell: " + ", ".join(parts))
+            "Fastest provider per cell: " + ", ".join(parts))
     return head + " (experts step only; routing and whole-layer rows not counted)."
 
 
