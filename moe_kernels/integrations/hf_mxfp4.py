@@ -3,7 +3,8 @@
 ``Mxfp4GptOssExperts`` is not built by ``@use_experts_implementation``: its MLP
 (``Mxfp4GptOssMLP``) calls hub kernels directly and never consults the
 ExpertsInterface, so ``experts_implementation="moe_kernels"`` cannot reach it.
-:func:`enable_mxfp4` switches each such MLP instance to GPT-OSS's router followed by
+:func:`switch_mxfp4` (called by the transformers integration's ``enable_mxfp4``)
+switches each such MLP instance to GPT-OSS's router followed by
 :func:`mxfp4_experts_forward`, which runs :func:`moe_kernels.fused_experts` on the MXFP4
 bytes and scales in place (quantized :class:`~moe_kernels.ExpertParams`, W4A16,
 interleaved gate/up rows, biases, the clamped SwiGLU). Re-exported by
@@ -22,16 +23,9 @@ from ..functional import fused_experts
 from ..params import ExpertParams
 from ..quant import QuantizedWeight, quantized_params
 from ..routing import Routing
+from .hf_common import UnsupportedExpertsError, backend_for
 
-# The transformers integration re-exports this module at its end: import it lazily here
-# (inside the functions) so either module can be imported first.
-
-
-def _hf():
-    from . import transformers as hf
-    return hf
-
-__all__ = ["enable_mxfp4", "mxfp4_experts_forward", "mxfp4_params"]
+__all__ = ["switch_mxfp4", "mxfp4_experts_forward", "mxfp4_params"]
 
 
 def _is_mxfp4_experts(module: torch.nn.Module) -> bool:
@@ -59,7 +53,7 @@ def _mxfp4_weight(module: torch.nn.Module, proj: str) -> QuantizedWeight:
         setattr(module, proj, torch.nn.Parameter(w, requires_grad=False))
         module.register_buffer(proj + "_scales", scales)
     if not isinstance(scales, torch.Tensor):
-        raise _hf().UnsupportedExpertsError(
+        raise UnsupportedExpertsError(
             f"{type(module).__qualname__}.{proj}: no MXFP4 scales found ({proj}_scales or a hub precision config)")
     if w.dim() == 4:  # checkpoint layout [E, N, K/32, 16]
         w = w.reshape(w.shape[0], w.shape[1], -1)
@@ -88,7 +82,7 @@ def mxfp4_experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, 
     x = hidden_states.reshape(-1, shape[-1]).to(dtype).contiguous()
     k = top_k_index.shape[-1]
     routing = Routing.from_topk(top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k), params.num_experts)
-    out = fused_experts(x, routing, params, backend=_hf()._backend_for("moe_kernels", backend))
+    out = fused_experts(x, routing, params, backend=backend_for("moe_kernels", backend))
     return out.to(hidden_states.dtype).reshape(shape)
 
 
@@ -104,12 +98,12 @@ def _mxfp4_mlp_forward(self, hidden_states):
     return out.reshape(batch_size, -1, self.router.hidden_dim), router_logits
 
 
-def enable_mxfp4(model: torch.nn.Module, backend: str | None = None) -> list[str]:
+def switch_mxfp4(model: torch.nn.Module) -> list[str]:
     """Route every ``Mxfp4GptOssExperts`` of ``model`` (GPT-OSS loaded in MXFP4) through
     moe_kernels: each experts module's forward and its parent ``Mxfp4GptOssMLP``'s forward
-    are replaced on the instances. Returns the paths of the experts modules switched."""
-    hf = _hf()
-    hf.register("moe_kernels", backend if backend is not None else hf.registered().get("moe_kernels"))
+    are replaced on the instances. Returns the paths of the experts modules switched.
+    :func:`moe_kernels.integrations.transformers.enable_mxfp4` registers the name, then
+    calls this."""
     done = []
     for path, m in model.named_modules():
         experts = getattr(m, "experts", None)

@@ -71,7 +71,9 @@ from .._checks import FLOAT_DTYPES
 from ..activations import Activation, PostNorm, apply_activation, apply_post_norm
 from ..backends import BACKEND_NAMES
 from ..functional import fused_experts
-from ..options import ENV_HF_BACKEND as ENV_BACKEND, hf_backend_default
+from ..options import ENV_HF_BACKEND as ENV_BACKEND
+from .hf_common import UnsupportedExpertsError, backend_for, registered_backends
+from .hf_mxfp4 import mxfp4_experts_forward, mxfp4_params, switch_mxfp4
 from ..params import ExpertParams, expert_params
 from ..quant import QuantizedWeight, quantized_params
 from ..routing import Routing
@@ -84,13 +86,9 @@ __all__ = [
 _BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 _QUANT_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# name -> backend given to register() (None: the environment variable, else "auto")
-_registered: dict[str, str | None] = {}
+_registered = registered_backends  # name -> backend given to register() (hf_common.py)
 _forwards: dict[str, object] = {}
-
-
-class UnsupportedExpertsError(ValueError):
-    """An experts module declares something the fused kernels cannot compute exactly."""
+_backend_for = backend_for
 
 
 @dataclass(frozen=True)
@@ -369,14 +367,6 @@ def params_of(module: torch.nn.Module, dtype: torch.dtype | None = None) -> Expe
 # --------------------------------------------------------------------------- the forward
 
 
-def _backend_for(name: str | None, backend: str | None) -> str:
-    if backend is not None:
-        return backend
-    if name is not None and _registered.get(name) is not None:
-        return _registered[name]
-    return hf_backend_default()
-
-
 def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                     top_k_weights: torch.Tensor | None = None, *, backend: str | None = None,
                     _name: str | None = None, **kwargs) -> torch.Tensor:
@@ -513,6 +503,12 @@ def enable(model: torch.nn.Module, backend: str | None = None, name: str = "moe_
     return specs
 
 
-register()
+def enable_mxfp4(model: torch.nn.Module, backend: str | None = None) -> list[str]:
+    """Route every ``Mxfp4GptOssExperts`` of ``model`` (GPT-OSS loaded in MXFP4) through
+    moe_kernels (:func:`moe_kernels.integrations.hf_mxfp4.switch_mxfp4`), registering
+    ``"moe_kernels"`` first. Returns the paths of the experts modules switched."""
+    register("moe_kernels", backend if backend is not None else _registered.get("moe_kernels"))
+    return switch_mxfp4(model)
 
-from .hf_mxfp4 import enable_mxfp4, mxfp4_experts_forward, mxfp4_params  # noqa: E402  (uses the names above)
+
+register()

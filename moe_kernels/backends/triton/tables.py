@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .gemm_config import GemmConfig
+
 __all__ = ["TABLE_DIR", "entry_key", "load_table", "lookup", "write_table", "TILE_FIELDS"]
 
 TABLE_DIR = Path(__file__).with_name("tables")
@@ -43,7 +45,6 @@ def entry_key(num_experts: int, n: int, k: int, dtype: torch.dtype | str, block_
 
 
 def _check_entry(key: str, entry: dict, where: str) -> dict:
-    from .configs import GemmConfig
     if not isinstance(entry, dict) or set(entry) - set(TILE_FIELDS):
         raise ValueError(f"{where}: entry {key!r}: expected fields among {list(TILE_FIELDS)}, got {entry!r}")
     GemmConfig(**entry)  # the config's own checks (powers of two, split vs persistent)
