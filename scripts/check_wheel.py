@@ -192,7 +192,7 @@ def check(archs: str, cuda: str, variant: str, version: str, cuobjdump: str | No
         fail(f"ptxas log: spill bytes {sorted(set(spills))}")
     ok(f"ptxas log: {len(spills)} spill counts, all 0")
     try:
-        C.permute_rows(16, 16, 16, 16, 4, 8, 2, 0, 0)
+        C.permute_rows(16, 16, 16, 16, 4, 8, 2, 4, 4, 16, 0, 0)
     except RuntimeError as exc:
         if "moe_kernels._C.permute_rows" not in str(exc):
             fail(f"the no-GPU error does not name the op: {exc}")
