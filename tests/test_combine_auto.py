@@ -9,6 +9,8 @@ The rule tests need no Triton; the interpreter tests skip without it.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -16,11 +18,7 @@ import moe_kernels as mk
 from moe_kernels.backends.triton.configs import COMBINE_SEPARATE_MAX_H, COMBINE_SEPARATE_MIN_K, combine_mode
 from moe_kernels.bench.launch_shape import GPUS, ISSUE_SHAPES, format_launches, layer_launches
 
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 if HAVE_TRITON:
     from test_triton_backward import _NAMES, _check_grads, _leaves, _run
