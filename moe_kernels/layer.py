@@ -125,7 +125,7 @@ class MoEConfig:
     option that silently does nothing.
 
     Kernel options (:mod:`moe_kernels.options`; ``None`` = the process default):
-    ``combine`` (``"fused"``/``"separate"``), ``recompute_h``, ``gemm_config`` (a mapping of
+    ``combine`` (``"auto"``/``"fused"``/``"separate"``), ``recompute_h``, ``gemm_config`` (a mapping of
     tile fields to pin), ``autotune``. ``router="dense"`` is accepted for
     ``"dense_softmax"`` and stored under that name."""
 

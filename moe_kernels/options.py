@@ -8,9 +8,10 @@ the backend: nothing below this module reads the environment.
 ========================  =====================  ==============================================
 option                    environment default    meaning
 ========================  =====================  ==============================================
-``combine``               ``MOE_KERNELS_COMBINE``  ``"fused"`` (per-token sum in GEMM2's
-                                                 epilogue) or ``"separate"`` (its own
-                                                 kernel); both deterministic, same bits
+``combine``               ``MOE_KERNELS_COMBINE``  ``"auto"`` (default: the backend picks
+                                                 from static shapes), ``"fused"`` (per-token
+                                                 sum in GEMM2's epilogue) or ``"separate"``
+                                                 (its own kernel); deterministic, same bits
 ``recompute_h``           ``MOE_KERNELS_RECOMPUTE_H``  save no expert pre-activation for
                                                  backward; recompute it (less memory,
                                                  about +20% FLOPs)
@@ -54,7 +55,7 @@ ENV_AUTOTUNE = "MOE_KERNELS_AUTOTUNE"
 ENV_DEBUG = "MOE_KERNELS_DEBUG"
 ENV_HF_BACKEND = "MOE_KERNELS_HF_BACKEND"
 
-COMBINE_MODES = ("fused", "separate")
+COMBINE_MODES = ("auto", "fused", "separate")
 GEMM_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
@@ -87,7 +88,8 @@ def _check_gemm_pin(value: object, source: str = "gemm_config") -> tuple[tuple[s
 class KernelOptions:
     """Tunables of the expert computation; ``None`` = the process default (see module doc).
 
-    ``combine``: ``"fused"`` | ``"separate"``; ``recompute_h``: bool; ``gemm_config``: a
+    ``combine``: ``"auto"`` | ``"fused"`` | ``"separate"`` (``"auto"``: the triton backend
+    picks per call from static shapes, ``backends/triton/configs.combine_mode``); ``recompute_h``: bool; ``gemm_config``: a
     mapping of :data:`GEMM_FIELDS` to ints (any subset) or a full ``GemmConfig``;
     ``autotune``: bool. Backends that have no such knob ignore it (the torch backend
     has none of them)."""
@@ -117,7 +119,7 @@ class KernelOptions:
         return replace(base, **{f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
 
 
-_BUILTIN = KernelOptions(combine="fused", recompute_h=False, gemm_config=(), autotune=False)
+_BUILTIN = KernelOptions(combine="auto", recompute_h=False, gemm_config=(), autotune=False)
 
 
 def _flag(name: str) -> bool | None:

@@ -95,9 +95,12 @@ def test_moe_with_fused_routing_matches_torch_routers(router, opts):
     assert_close(out, _reference(x, ref_routing, w13, w2, None, None, "swiglu", False, False), 1e-4, "out")
 
 
-def test_fused_and_separate_combine_agree_bitwise_and_runs_are_deterministic():
-    t, h, i, e = 40, 64, 96, 6
-    routing, _ = make_routing("softmax_topk", t, e, k=3)
+@pytest.mark.parametrize("t,h,i,e,k", [
+    pytest.param(40, 64, 96, 6, 3, id="k3-auto-fused"),
+    pytest.param(37, 72, 40, 13, 8, id="k8-prime-E13-auto-separate"),
+])
+def test_fused_and_separate_combine_agree_bitwise_and_runs_are_deterministic(t, h, i, e, k):
+    routing, _ = make_routing("softmax_topk", t, e, k=k)
     w13, w2, b13, b2 = make_weights(e, h, i, "swiglu", torch.float16, bias=True)
     x = torch.randn(t, h, device=DEVICE).half()
     params = expert_params(w13, w2, b13, b2)
@@ -108,6 +111,7 @@ def test_fused_and_separate_combine_agree_bitwise_and_runs_are_deterministic():
     c = ops.moe_experts(x, plan, params, combine="separate")
     assert torch.equal(a, b), "same input twice must give the same bits"
     assert torch.equal(a, c), "the fused combine sums the same values in the same order as the combine kernel"
+    assert torch.equal(a, ops.moe_experts(x, plan, params, combine="auto")), "auto runs one of the two"
     twin = ops.moe_experts_torch(x, build_plan_torch(routing, plan.block_m), params)
     assert_close(a, twin, 2e-3, "kernels vs their twins")
 
@@ -185,7 +189,7 @@ _LOSS_OPS = {"aten::clamp_max", "aten::clamp", "aten::softmax", "aten::_softmax"
     pytest.param("grouped_sigmoid_topk", {"top_k": 2, "n_group": 2, "topk_group": 1}, id="grouped-sigmoid"),
 ])
 def test_forward_is_four_launches_for_topk_routers(monkeypatch, router, opts):
-    """Routing + plan + GEMM1 + GEMM2 (combine fused): 4 kernel launches and no torch
+    """Routing + plan + GEMM1 + GEMM2 (combine fused, what auto picks here): 4 launches and no torch
     compute op (torch.zeros would be a fill kernel on a GPU) on the expert path, for
     inference; the softmax router's load-balancing loss is the only other work."""
     t, h, i, e = 7, 32, 32, 4

@@ -17,6 +17,8 @@ Counting (uniform routing, the expectation over routings):
 * bytes: the active experts' weights once + x read + out written + split-K partials
   (fp32, written and read once); FLOPs: ``2·rows·N·K`` (x2 gated GEMM1) over valid rows
   (the roofline) and over padded rows (the estimate).
+* combine: the mode ``combine="auto"`` runs for the layer (``configs.combine_mode`` of
+  ``T·k``, k, H, E); the estimate does not price the combine itself.
 
 Estimate (assumptions, to be replaced by the first GPU run's measured column):
 ``time = max(bytes / (BW · m), padded FLOPs / (peak · c · tail)) + fixed`` with the
@@ -93,6 +95,7 @@ class GemmLaunch:
     flops_padded: float
     roofline_s: float
     estimate_s: float
+    combine: str = "-"  # gemm2: what combine="auto" runs for the layer (configs.combine_mode)
 
     @property
     def fraction(self) -> float:
@@ -117,7 +120,7 @@ def _mma_eff(cap, cfg) -> float:
 def layer_launches(shape: ModelShape, t: int, gpu: GpuSpec = GPUS["h200"], dtype: torch.dtype = torch.bfloat16,
                    pin: dict | None = None) -> list[GemmLaunch]:
     """The forward's GEMM1 and GEMM2 launches of ``shape`` at ``T = t`` on ``gpu``."""
-    from ..backends.triton.configs import gemm_config, layer_block_m, pipeline_shared_bytes, regime_of
+    from ..backends.triton.configs import combine_mode, gemm_config, layer_block_m, pipeline_shared_bytes, regime_of
     from ..plan import max_padded_rows
 
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
@@ -129,6 +132,7 @@ def layer_launches(shape: ModelShape, t: int, gpu: GpuSpec = GPUS["h200"], dtype
     rows = s / active
     blocks_useful = active * math.ceil(rows / bm)
     blocks_launched = max_padded_rows(s, e, bm) // bm
+    comb = combine_mode(s, k, h, e, dtype, cap)
     out = []
     for gemm, n, kk, gated_b in (("gemm1", i, h, shape.gated), ("gemm2", h, i, False)):
         cfg = gemm_config(e, n, kk, dtype, cap, bm, gated_b=gated_b, pin=pin, num_slots=s, num_sms=sms, kind=gemm)
@@ -161,7 +165,8 @@ def layer_launches(shape: ModelShape, t: int, gpu: GpuSpec = GPUS["h200"], dtype
             ctas_useful=int(round(useful)), num_sms=sms, ctas_per_sm=per_sm, waves=waves,
             weight_kb_per_cta=b_tiles * cfg.BLOCK_N * (kk / split) * esize / 1024,
             mflop_per_cta=2.0 * bm * cfg.BLOCK_N * b_tiles * (kk / split) / 1e6,
-            bytes=nbytes, flops_valid=flops_valid, flops_padded=flops_padded, roofline_s=roof, estimate_s=est))
+            bytes=nbytes, flops_valid=flops_valid, flops_padded=flops_padded, roofline_s=roof, estimate_s=est,
+            combine=comb if gemm == "gemm2" else "-"))
     return out
 
 
@@ -185,7 +190,8 @@ def estimate_table(tokens=(1, 16, 128, 2048, 16384), gpu: GpuSpec = GPUS["h200"]
 _COLS = [("model", "model"), ("T", "T"), ("gemm", "gemm"), ("regime", "regime"), ("tile", "tile"),
          ("split_k", "split"), ("tma", "TMA"), ("persistent", "pers."), ("ctas_launched", "CTAs launched"),
          ("ctas_useful", "CTAs useful"), ("num_sms", "SMs"), ("ctas_per_sm", "CTA/SM"), ("waves", "waves"),
-         ("weight_kb_per_cta", "W KB/CTA"), ("mflop_per_cta", "MFLOP/CTA"), ("fraction", "est. roofline")]
+         ("weight_kb_per_cta", "W KB/CTA"), ("mflop_per_cta", "MFLOP/CTA"), ("fraction", "est. roofline"),
+         ("combine", "combine")]
 
 
 def format_launches(launches: list[GemmLaunch], markdown: bool = False) -> str:

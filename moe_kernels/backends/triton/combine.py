@@ -17,8 +17,9 @@ The fused combine and the prologue read ``token_slots`` rows ``KS_BLOCK`` (<= 16
 columns at a time: Expert Choice and dense routings have ``KS = E`` columns, and one
 [rows, E] int32 tile would spill.
 
-Separate (``_combine_fwd_kernel``): the fallback (``combine="separate"``),
-one extra launch, and the reference the fused path is checked against bit for bit: both
+Separate (``_combine_fwd_kernel``): ``combine="separate"``, or what ``"auto"`` picks
+for many slots per token (configs.combine_mode: the fused tail grows with K), at the
+cost of one extra launch, and the reference the fused path is checked against bit for bit: both
 sum the same ``y`` values in fp32 in ``token_slots`` column order. A token with no
 valid slot gets a zero row. No backward of its own: the experts' autograd (ops.py)
 differentiates the whole layer.

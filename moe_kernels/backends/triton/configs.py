@@ -82,7 +82,8 @@ from .gemm_config import GemmConfig
 
 __all__ = ["GemmConfig", "gemm_config", "layer_block_m", "autotune_configs", "capability_of", "SHARED_LIMITS",
            "shared_limit_of", "pipeline_shared_bytes", "REGIMES", "REGIME_BLOCK_M", "slots_bucket", "regime_of",
-           "split_k_for", "expected_blocks", "num_sms_of"]
+           "split_k_for", "expected_blocks", "num_sms_of", "combine_mode", "COMBINE_SEPARATE_MIN_K",
+           "COMBINE_SEPARATE_MAX_H"]
 
 _FIELDS = GEMM_FIELDS
 
@@ -173,6 +174,62 @@ def layer_block_m(capability: tuple[int, int], pin: dict[str, int] | None = None
     if num_slots is None or num_experts is None:
         return REGIME_BLOCK_M["medium"]
     return REGIME_BLOCK_M[regime_of(num_slots, num_experts)]
+
+
+COMBINE_SEPARATE_MIN_K = 8      # slots per token from which the fused combine's tail loses
+COMBINE_SEPARATE_MAX_H = 4096   # widest H that still prefers the separate kernel at 8 <= K <= 16
+
+
+def combine_mode(num_slots: int, slots_per_token: int, hidden: int, num_experts: int,
+                 dtype: torch.dtype | None = None, capability: tuple[int, int] | None = None) -> str:
+    """What ``combine="auto"`` runs: ``"fused"`` or ``"separate"``, from static shapes only
+    (``num_slots`` = T*k, bucketed like the regime; ``slots_per_token`` = K, the plan's
+    ``max_slots_per_token``: k for top-k routings, E for Expert Choice and dense; H; E).
+    Both modes give the same bits, so the choice is speed only.
+
+    The model (launch shapes on an H200, bench/launch_shape.py's constants):
+
+    * separate: one more launch (about 3-5 us: launch latency plus the fill of a
+      T x ceil(H/1024) grid) plus reading y [S, H] and writing out [T, H] once at the
+      HBM stream rate; it runs after GEMM2 has finished, so GEMM2's CTAs carry no tail.
+    * fused: per (token, column block) one int32 atomic on a counter, and the last
+      arriving CTA re-reads the token's K rows of y through L2 (``.cg``) and sums them
+      in column order. That gather runs in the CTA's epilogue after its main loop and
+      grows with K (an unrolled loop for K <= 16, a runtime loop of K dependent
+      accumulations for wider tables: Expert Choice and dense have K = E); the CTA
+      holds its SM slot meanwhile, so its tail is only hidden when other CTAs' main
+      loops overlap it, i.e. when GEMM2 has many N tiles (large H) per row block.
+
+    The rule:
+
+    1. ``decode`` regime (expected rows per expert <= 16, :func:`regime_of`): fused.
+       A decode layer is a 10-30 us weight stream; an extra 3-5 us launch is 15-40%
+       of it, while K gathers of a 16-row tile cost a few hundred ns.
+    2. K > 16 (Expert Choice / dense with many experts: the runtime-loop gather):
+       separate. The fused tail is K serial L2 round trips (0.3-0.5 us each under load),
+       e.g. 20-60 us at K = 128, against the separate kernel's one read of y.
+    3. ``COMBINE_SEPARATE_MIN_K`` (8) <= K <= 16 and ``H <= COMBINE_SEPARATE_MAX_H``
+       (4096): separate. K = 8 gathers are about 3-4 us of tail per CTA, and H <= 4096
+       is at most 32-64 N tiles per row block, too few CTAs to hide it; the separate
+       kernel costs the launch plus ``(S + T) H`` bytes, e.g. 4 us + 8.5 us for T=1024,
+       K=8, H=2048 in bf16, where the fused path reads the same S x H bytes through L2
+       but in the GEMM CTAs' epilogues, K dependent loads deep.
+    4. otherwise (k <= 7, the common top-k case, or a wide H): fused, which saves the
+       launch and the second pass over y.
+
+    ``dtype`` and ``capability`` are accepted for a future per-GPU table and do not
+    change the choice today. The constants are estimates from the launch-shape model,
+    to be replaced by a side-by-side GPU measurement of both modes.
+    """
+    del dtype, capability
+    k = int(slots_per_token)
+    if regime_of(num_slots, num_experts) == "decode":
+        return "fused"
+    if k > 16:
+        return "separate"
+    if k >= COMBINE_SEPARATE_MIN_K and int(hidden) <= COMBINE_SEPARATE_MAX_H:
+        return "separate"
+    return "fused"
 
 
 def expected_blocks(num_slots: int, num_experts: int, block_m: int) -> int:

@@ -8,7 +8,9 @@ scales by the slot weight, writes y [S, H] and combines each token's rows into
 out [T, H] in the epilogue (deterministic; see gemm.py). With routing (1 launch,
 routing.py) and the plan (1 launch, plan.py) a top-k layer forward is 4 launches.
 ``combine="separate"`` (:class:`~moe_kernels.options.KernelOptions`) runs the combine as
-its own kernel instead (5 launches; same bits).
+its own kernel instead (5 launches; same bits); the default ``"auto"`` picks one of the
+two per call from static shapes (:func:`.configs.combine_mode`: separate for many slots
+per token outside decode, e.g. K >= 8 at H <= 4096 or Expert Choice / dense with K > 16).
 
 Backward (``moe_kernels::experts_bwd``, 4 launches, 5 with ``recompute_h``):
 
@@ -68,7 +70,7 @@ from ...plan import DispatchPlan
 from . import check_device, on_device
 from .combine import combine as combine_launch
 from .combine import combine_torch
-from .configs import capability_of, gemm_config, num_sms_of
+from .configs import capability_of, combine_mode, gemm_config, num_sms_of
 from .gemm import Prologue, grouped_gemm, grouped_gemm_torch
 from .wgrad import expert_bias_grad, expert_weight_grad
 
@@ -326,6 +328,15 @@ def _check(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> None:
                          f"{plan.num_tokens} and {plan.num_experts}")
 
 
+def _combine_of(mode: str, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> str:
+    # "auto" -> "fused" | "separate" from static shapes only (T*k, K, H, E, dtype,
+    # capability), before the custom op: the op and its saved context see a concrete mode.
+    if mode != "auto":
+        return mode
+    return combine_mode(plan.num_slots, plan.max_slots_per_token, x.shape[1], params.num_experts, x.dtype,
+                        capability_of(x.device))
+
+
 def moe_experts(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, options: KernelOptions | None = None, *,
                 recompute_h: bool | None = None, combine: str | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,11 +346,12 @@ def moe_experts(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, optio
     ``options`` (:class:`~moe_kernels.options.KernelOptions`; the keywords ``recompute_h``
     and ``combine`` override its fields): ``recompute_h`` saves no pre-activation and
     recomputes it in backward (see the module docstring for the trade-off); ``combine``
-    is ``"fused"`` or ``"separate"``; ``gemm_config`` pins tile fields; ``autotune``.
+    is ``"fused"``, ``"separate"`` or ``"auto"`` (:func:`.configs.combine_mode`); ``gemm_config`` pins tile fields; ``autotune``.
     ``out``: a caller's [T, H] buffer to write (inference only, e.g. static addresses for
     CUDA graphs); otherwise one is allocated."""
     _check(x, plan, params)
     opts = resolve(options, recompute_h=recompute_h, combine=combine)
+    comb = _combine_of(opts.combine, x, plan, params)
     pin, autotune = _Tuning(opts.gemm_pin, opts.autotune).as_op_args()
     act = params.activation
     needs_grad = torch.is_grad_enabled() and any(
@@ -350,9 +362,9 @@ def moe_experts(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, optio
     if needs_grad:
         if out is not None:
             raise ValueError("out: a caller's buffer serves inference only (no input requires grad)")
-        return _experts_fwd_op(*args, not opts.recompute_h, opts.combine, pin, autotune)[0]
+        return _experts_fwd_op(*args, not opts.recompute_h, comb, pin, autotune)[0]
     out = _empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    _experts_fwd_out_op(*args, opts.combine, out, pin, autotune)
+    _experts_fwd_out_op(*args, comb, out, pin, autotune)
     return out
 
 
@@ -364,6 +376,6 @@ def moe_experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
     _check(x, plan, params)
     opts = resolve(options, recompute_h=recompute_h, combine=combine)
     res, _ = _forward_impl(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight, plan,
-                           params.activation, params.interleaved, False, opts.combine,
+                           params.activation, params.interleaved, False, _combine_of(opts.combine, x, plan, params),
                            _Tuning(opts.gemm_pin, False), gemm=grouped_gemm_torch, comb=combine_torch, out=out)
     return res
