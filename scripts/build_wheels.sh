@@ -235,8 +235,8 @@ if [[ "${SKIP_SDIST:-0}" != 1 ]]; then
     "$WORK/check-sdist/bin/pip" install -q "$OUT/dist/$DIST"-*.tar.gz 2> >(grep -v "is ignored" >&2)
   (cd "$WORK" && "$WORK/check-sdist/bin/python" -c '
 import moe_kernels, torch
-from moe_kernels import cuda_backend
-info = cuda_backend.extension_info()
+from moe_kernels.backends.cuda.extension import extension_info
+info = extension_info()
 assert not info["built"], info
 y = moe_kernels.MoE(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, backend="torch")(torch.randn(3, 16))
 print(f"  ok: sdist installed without nvcc: moe_kernels {moe_kernels.__version__}, no extension, MoE runs: {tuple(y.shape)}")')
