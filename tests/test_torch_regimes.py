@@ -190,3 +190,33 @@ def test_cpu_plan_paths_agree(t, e, k, drop):
     general = build_plan_torch(r, 2)  # the general builder (two-row blocks): same sort and counts
     for f in ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "token_slots"):
         assert torch.equal(getattr(general, f), getattr(host, f)), f
+
+
+def test_trusted_plan_matches_checked_constructor(monkeypatch):
+    # The CPU builders skip the frozen __init__ and the shape loop (_trusted): the plan
+    # must hold exactly what from_fields would, and debug mode must still check it.
+    from moe_kernels.plan import PLAN_INDEX_FIELDS, DispatchPlan, _build_plan_rows_host
+
+    gen = torch.Generator().manual_seed(3)
+    e, t, k = 13, 3, 2  # prime E, an expert with no tokens
+    ids = torch.randint(0, e, (t, k), generator=gen)
+    ids[1, 0] = e  # a dropped slot mid-routing
+    r = Routing.from_topk(ids, torch.rand(t, k, generator=gen), e)
+    fast = _build_plan_rows_host(r)
+    fields = [getattr(fast, f) for f in PLAN_INDEX_FIELDS]
+    slow = DispatchPlan.from_fields(r, 1, fields)
+    for f in ("num_tokens", "num_experts", "block_m", "max_slots_per_token", "top_k", "slot_token",
+              "slot_expert", "slot_weight", *PLAN_INDEX_FIELDS):
+        assert getattr(fast, f) is getattr(slow, f), f
+    assert fast.host_offsets == fast.expert_offsets.tolist() and slow.host_offsets is None
+    assert all(v.dtype == torch.int32 for v in fields)
+    fast.check_values()
+    bad = list(fields)
+    bad[PLAN_INDEX_FIELDS.index("slot_position")] = fields[2].flip(0)  # invariant 2 broken
+    DispatchPlan._trusted(r, 1, bad)  # trusted: no check outside debug mode
+    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="invariant violated"):
+        DispatchPlan._trusted(r, 1, bad)
+    bad[PLAN_INDEX_FIELDS.index("expert_counts")] = fields[0].long()
+    with pytest.raises(ValueError, match="expected int32"):
+        DispatchPlan._trusted(r, 1, bad)
