@@ -220,3 +220,29 @@ def test_trusted_plan_matches_checked_constructor(monkeypatch):
     bad[PLAN_INDEX_FIELDS.index("expert_counts")] = fields[0].long()
     with pytest.raises(ValueError, match="expected int32"):
         DispatchPlan._trusted(r, 1, bad)
+
+
+def test_shared_segments_match_per_call_ones():
+    # experts_torch passes both matmuls one list of non-empty segments: the same result,
+    # bitwise, as each matmul finding them itself (E = 256 with 8 active: the list is short).
+    from moe_kernels.primitives import active_segments, grouped_linear
+
+    gen = torch.Generator().manual_seed(11)
+    e, t, k, h, n = 256, 1, 8, 24, 20
+    r = softmax_topk(torch.randn(t, e, generator=gen), top_k=k)
+    plan = build_plan_torch(r, 1)
+    offs = plan.expert_offsets.tolist()
+    segs = active_segments(offs)
+    assert [ex for ex, _, _ in segs] == sorted(set(r.slot_expert.tolist()))
+    assert all(hi - lo == offs[ex + 1] - offs[ex] > 0 for ex, lo, hi in segs)
+    a = torch.randn(t * k, h, generator=gen, requires_grad=True)
+    w = torch.randn(e, n, h, generator=gen, requires_grad=True)
+    b = torch.randn(e, n, generator=gen, requires_grad=True)
+    g = torch.randn(t * k, n, generator=gen)
+    shared = grouped_linear(a, w, b, plan, method="loop", offsets=offs, segments=segs)
+    own = grouped_linear(a, w, b, plan, method="loop")
+    assert torch.equal(shared, own)
+    assert all(torch.equal(u, v) for u, v in zip(torch.autograd.grad(shared, [a, w, b], g),
+                                                 torch.autograd.grad(own, [a, w, b], g)))
+    ref = torch.stack([a[p] @ w[ex].t() + b[ex] for p, ex in enumerate(r.slot_expert[plan.sorted_slot.long()].tolist())])
+    torch.testing.assert_close(own, ref)
