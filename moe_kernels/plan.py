@@ -17,8 +17,10 @@ is their pure-PyTorch twin (``build_plan_torch``).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -125,6 +127,24 @@ class DispatchPlan:
                    max_slots_per_token=routing.max_slots_per_token, slot_token=routing.slot_token,
                    slot_expert=routing.slot_expert, slot_weight=routing.slot_weight, top_k=routing.top_k,
                    **dict(zip(PLAN_INDEX_FIELDS, fields, strict=True)))
+
+    @classmethod
+    def _trusted(cls, routing: Routing, block_m: int, fields: Sequence[torch.Tensor],
+                 host_offsets: list[int] | None = None) -> "DispatchPlan":
+        """:meth:`from_fields` for a plan this module just built from a checked routing:
+        skips the generated frozen ``__init__`` and the per-field shape loop (a fixed
+        cost of several microseconds per layer call on the CPU's small-``T`` path). In
+        debug mode (``MOE_KERNELS_DEBUG=1``) it runs every check ``__post_init__`` runs."""
+        plan = object.__new__(cls)
+        d = plan.__dict__
+        d.update(num_tokens=routing.num_tokens, num_experts=routing.num_experts, block_m=block_m,
+                 max_slots_per_token=routing.max_slots_per_token, slot_token=routing.slot_token,
+                 slot_expert=routing.slot_expert, slot_weight=routing.slot_weight, top_k=routing.top_k)
+        d.update(zip(PLAN_INDEX_FIELDS, fields, strict=True))
+        d["host_offsets"] = host_offsets
+        if deep_checks_enabled():
+            plan.__post_init__()
+        return plan
 
     def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
         """The plan as custom-op arguments: its index tensors and its sizes
@@ -245,6 +265,7 @@ def _token_slots(routing: Routing, valid: torch.Tensor) -> torch.Tensor:
 # plain Python and made into tensors with one copy: a dozen small ATen ops cost more
 # than the arithmetic, especially with cold caches between layers (70-150 us measured).
 HOST_PLAN_MAX_SLOTS = 64
+_I32_CODE = "i" if array("i").itemsize == 4 else "l"  # the array typecode of a 4-byte int
 
 
 def _build_plan_rows_host(routing: Routing) -> DispatchPlan:
@@ -255,9 +276,7 @@ def _build_plan_rows_host(routing: Routing) -> DispatchPlan:
     counts = [0] * (e + 1)
     for x in se:
         counts[x] += 1
-    offsets = [0] * (e + 1)
-    for j in range(e):
-        offsets[j + 1] = offsets[j] + counts[j]
+    offsets = [0, *accumulate(counts[:e])]
     perm = sorted(range(s), key=se.__getitem__)  # stable: by expert, then slot id; dropped last
     position = [0] * s
     for p, slot in enumerate(perm):
@@ -265,12 +284,12 @@ def _build_plan_rows_host(routing: Routing) -> DispatchPlan:
     v = offsets[e]
     pad = [-1] * (s - v)
     token_slots = [slot if se[slot] < e else -1 for slot in range(s)]
-    buf = torch.tensor(counts[:e] + offsets + perm + position + perm[:v] + pad + [se[q] for q in perm[:v]] + pad
-                       + token_slots, dtype=torch.int32)
+    # array -> frombuffer converts the ints in C (torch.tensor on a list walks them one
+    # by one: ~20 us more with E = 256); the tensor keeps the array alive.
+    buf = torch.frombuffer(array(_I32_CODE, counts[:e] + offsets + perm + position + perm[:v] + pad
+                                 + [se[q] for q in perm[:v]] + pad + token_slots), dtype=torch.int32)
     cnt, offs, srt, pos, pslot, bexp, tok = torch.split(buf, [e, e + 1, s, s, s, s, t * k])
-    plan = DispatchPlan.from_fields(routing, 1, (cnt, offs, srt, pos, offs, pslot, bexp, tok.view(t, k)))
-    object.__setattr__(plan, "host_offsets", offsets)
-    return plan
+    return DispatchPlan._trusted(routing, 1, (cnt, offs, srt, pos, offs, pslot, bexp, tok.view(t, k)), offsets)
 
 
 def _build_plan_rows_cpu(routing: Routing) -> DispatchPlan:
@@ -299,10 +318,8 @@ def _build_plan_rows_cpu(routing: Routing) -> DispatchPlan:
         token_slots = torch.where(se < e, slots, -1).view(routing.num_tokens, routing.top_k) if token_major else None
     if token_slots is None:
         token_slots = _token_slots(routing, se < e).to(i32).contiguous()
-    plan = DispatchPlan.from_fields(routing, 1, (counts.to(i32), offsets, perm32, position, offsets, padded_slot,
-                                                 block_expert, token_slots))
-    object.__setattr__(plan, "host_offsets", host)
-    return plan
+    return DispatchPlan._trusted(routing, 1, (counts.to(i32), offsets, perm32, position, offsets, padded_slot,
+                                              block_expert, token_slots), host)
 
 
 def build_plan_torch(routing: Routing, block_m: int = 64) -> DispatchPlan:

@@ -16,7 +16,7 @@ from ._checks import _compiling
 from .plan import DispatchPlan
 from .routing import Routing, topk_load_balancing_loss
 
-__all__ = ["combine_slots", "zero_link", "grouped_linear", "grouped_method", "TopkArgs", "fused_topk_args", "routing_from_topk"]
+__all__ = ["combine_slots", "zero_link", "grouped_linear", "grouped_method", "active_segments", "TopkArgs", "fused_topk_args", "routing_from_topk"]
 
 
 def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -90,11 +90,13 @@ def grouped_method(a: torch.Tensor, w: torch.Tensor, num_slots: int, num_experts
     return "grouped_mm"
 
 
-def _active(offs: list[int]) -> list[tuple[int, int, int]]:
+def active_segments(offs: list[int]) -> list[tuple[int, int, int]]:
+    """``(expert, lo, hi)`` of each non-empty segment (a Python pass over ``E``: with
+    ``E = 256`` worth computing once per layer call, see :func:`grouped_linear`)."""
     return [(ex, offs[ex], offs[ex + 1]) for ex in range(len(offs) - 1) if offs[ex + 1] > offs[ex]]
 
 
-def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
+def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str, segs=None) -> torch.Tensor:
     """``out[r] = a[r] @ w[e]^T + b[e]`` for row ``r`` of segment ``e``; rows ``>= V`` zero."""
     s, n, v = a.shape[0], w.shape[1], offs[-1]
     if method == "grouped_mm":
@@ -105,7 +107,7 @@ def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
             out[:v] += b.index_select(0, pos)
     else:
         out = a.new_empty(s, n)
-        for ex, lo, hi in _active(offs):
+        for ex, lo, hi in segs if segs is not None else active_segments(offs):
             if b is None:
                 torch.mm(a[lo:hi], w[ex].t(), out=out[lo:hi])
             else:
@@ -115,7 +117,7 @@ def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str) -> torch.Tensor:
     return out
 
 
-def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, need_w: bool = True):
+def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, need_w: bool = True, segs=None):
     """Gradients of :func:`_fwd_impl`: one matmul (or row sum) per expert and per
     operand, each element reduced in a fixed order (no atomics: bitwise repeatable).
     ``need_w=False`` (frozen experts): only the gradient of ``a``."""
@@ -145,13 +147,15 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, nee
                 gb.index_fill_(0, idx, 0)
         return ga, gw, gb
     ga = g.new_zeros(s, k)
+    if segs is None:
+        segs = active_segments(offs)
     if not need_w:
-        for ex, lo, hi in _active(offs):
+        for ex, lo, hi in segs:
             torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
         return ga, None, None
     gw = w.new_zeros(e, k, n).transpose(-2, -1) if stored_t else w.new_zeros(e, n, k)
     gb = w.new_zeros(e, n) if has_bias else None
-    for ex, lo, hi in _active(offs):
+    for ex, lo, hi in segs:
         torch.mm(g[lo:hi], w[ex], out=ga[lo:hi])
         if stored_t:
             torch.mm(a[lo:hi].t(), g[lo:hi], out=gw[ex].t())
@@ -164,17 +168,17 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, nee
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, w, b, offs_t, offs, method):
+    def forward(ctx, a, w, b, offs_t, offs, method, segs):
         ctx.save_for_backward(a, w, offs_t)
-        ctx.offs, ctx.method, ctx.has_bias = offs, method, b is not None
-        return _fwd_impl(a, w, b, offs_t, offs, method)
+        ctx.offs, ctx.method, ctx.has_bias, ctx.segs = offs, method, b is not None, segs
+        return _fwd_impl(a, w, b, offs_t, offs, method, segs)
 
     @staticmethod
     def backward(ctx, g):
         a, w, offs_t = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
-        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method, need_w)
-        return ga, gw, gb, None, None, None
+        ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method, need_w, ctx.segs)
+        return ga, gw, gb, None, None, None, None
 
 
 # Under torch.compile the same two functions run as opaque custom ops: the loop's host
@@ -220,13 +224,15 @@ _grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan, *,
-                   method: str | None = None, offsets: list[int] | None = None) -> torch.Tensor:
+                   method: str | None = None, offsets: list[int] | None = None,
+                   segments: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
     """Rows of ``a`` [S, K] in expert order times ``w[e]^T`` ([E, N, K]) plus ``b[e]``;
     rows past the valid ones (dropped slots) come out zero. Returns [S, N].
 
     ``method`` (default :func:`grouped_method`): ``"loop"``, one matmul per *active*
     expert (reads the offsets on the host once: pass them as ``offsets`` to share one
-    read between calls), or ``"grouped_mm"``, ``torch._grouped_mm`` over every expert.
+    read between calls; ``segments``, :func:`active_segments` of them, shares the pass
+    over the experts too), or ``"grouped_mm"``, ``torch._grouped_mm`` over every expert.
     Backward is explicit (one matmul per expert and operand): deterministic, and no
     whole-weight temporaries per expert."""
     method = method or grouped_method(a, w, plan.num_slots, plan.num_experts)
@@ -237,8 +243,8 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
         return _grouped_linear_op(a, w, b, offs_t, method)
     offs = offsets if offsets is not None else offs_t.tolist()
     if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return _GroupedLinear.apply(a, w, b, offs_t, offs, method)
-    return _fwd_impl(a, w, b, offs_t, offs, method)  # inference: no autograd node to build
+        return _GroupedLinear.apply(a, w, b, offs_t, offs, method, segments)
+    return _fwd_impl(a, w, b, offs_t, offs, method, segments)  # inference: no autograd node to build
 
 
 def _grouped_device(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:

@@ -190,3 +190,59 @@ def test_cpu_plan_paths_agree(t, e, k, drop):
     general = build_plan_torch(r, 2)  # the general builder (two-row blocks): same sort and counts
     for f in ("expert_counts", "expert_offsets", "sorted_slot", "slot_position", "token_slots"):
         assert torch.equal(getattr(general, f), getattr(host, f)), f
+
+
+def test_trusted_plan_matches_checked_constructor(monkeypatch):
+    # The CPU builders skip the frozen __init__ and the shape loop (_trusted): the plan
+    # must hold exactly what from_fields would, and debug mode must still check it.
+    from moe_kernels.plan import PLAN_INDEX_FIELDS, DispatchPlan, _build_plan_rows_host
+
+    gen = torch.Generator().manual_seed(3)
+    e, t, k = 13, 3, 2  # prime E, an expert with no tokens
+    ids = torch.randint(0, e, (t, k), generator=gen)
+    ids[1, 0] = e  # a dropped slot mid-routing
+    r = Routing.from_topk(ids, torch.rand(t, k, generator=gen), e)
+    fast = _build_plan_rows_host(r)
+    fields = [getattr(fast, f) for f in PLAN_INDEX_FIELDS]
+    slow = DispatchPlan.from_fields(r, 1, fields)
+    for f in ("num_tokens", "num_experts", "block_m", "max_slots_per_token", "top_k", "slot_token",
+              "slot_expert", "slot_weight", *PLAN_INDEX_FIELDS):
+        assert getattr(fast, f) is getattr(slow, f), f
+    assert fast.host_offsets == fast.expert_offsets.tolist() and slow.host_offsets is None
+    assert all(v.dtype == torch.int32 for v in fields)
+    fast.check_values()
+    bad = list(fields)
+    bad[PLAN_INDEX_FIELDS.index("slot_position")] = fields[2].flip(0)  # invariant 2 broken
+    DispatchPlan._trusted(r, 1, bad)  # trusted: no check outside debug mode
+    monkeypatch.setenv("MOE_KERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="invariant violated"):
+        DispatchPlan._trusted(r, 1, bad)
+    bad[PLAN_INDEX_FIELDS.index("expert_counts")] = fields[0].long()
+    with pytest.raises(ValueError, match="expected int32"):
+        DispatchPlan._trusted(r, 1, bad)
+
+
+def test_shared_segments_match_per_call_ones():
+    # experts_torch passes both matmuls one list of non-empty segments: the same result,
+    # bitwise, as each matmul finding them itself (E = 256 with 8 active: the list is short).
+    from moe_kernels.primitives import active_segments, grouped_linear
+
+    gen = torch.Generator().manual_seed(11)
+    e, t, k, h, n = 256, 1, 8, 24, 20
+    r = softmax_topk(torch.randn(t, e, generator=gen), top_k=k)
+    plan = build_plan_torch(r, 1)
+    offs = plan.expert_offsets.tolist()
+    segs = active_segments(offs)
+    assert [ex for ex, _, _ in segs] == sorted(set(r.slot_expert.tolist()))
+    assert all(hi - lo == offs[ex + 1] - offs[ex] > 0 for ex, lo, hi in segs)
+    a = torch.randn(t * k, h, generator=gen, requires_grad=True)
+    w = torch.randn(e, n, h, generator=gen, requires_grad=True)
+    b = torch.randn(e, n, generator=gen, requires_grad=True)
+    g = torch.randn(t * k, n, generator=gen)
+    shared = grouped_linear(a, w, b, plan, method="loop", offsets=offs, segments=segs)
+    own = grouped_linear(a, w, b, plan, method="loop")
+    assert torch.equal(shared, own)
+    assert all(torch.equal(u, v) for u, v in zip(torch.autograd.grad(shared, [a, w, b], g),
+                                                 torch.autograd.grad(own, [a, w, b], g)))
+    ref = torch.stack([a[p] @ w[ex].t() + b[ex] for p, ex in enumerate(r.slot_expert[plan.sorted_slot.long()].tolist())])
+    torch.testing.assert_close(own, ref)

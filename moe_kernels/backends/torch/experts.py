@@ -10,8 +10,8 @@ The grouped matmul's method is picked by regime from static shapes
 (:func:`moe_kernels.primitives.grouped_method`): on the CPU a loop over the *active*
 experts while few can be active (small ``T``), ``torch._grouped_mm`` over the expert
 segments past that. The only host read is the expert offsets (``E + 1`` ints, once per
-call, shared by both matmuls); value checks belong to the API boundary (and to
-``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
+call, shared by both matmuls, as is the list of non-empty segments); value checks
+belong to the API boundary (and to ``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
 opaque custom ops, so every method traces.
 
 Backward: autograd through the gathers, the activation and the combine; the grouped
@@ -34,7 +34,7 @@ from ..._checks import _compiling
 from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...plan import DispatchPlan
-from ...primitives import combine_slots, grouped_linear, zero_link
+from ...primitives import active_segments, combine_slots, grouped_linear, grouped_method, zero_link
 
 __all__ = ["experts_torch"]
 
@@ -54,12 +54,20 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
     # deterministic one on each device.
     rows = x[src.long()] if x.is_cuda else x.index_select(0, src)
     # One host read of the offsets (CPU: no device sync), shared by both matmuls.
-    offsets = None
+    offsets = segs = m13 = m2 = None
     if x.device.type == "cpu" and not _compiling():
         offsets = plan.host_offsets if plan.host_offsets is not None else plan.expert_offsets.tolist()
-    h13 = grouped_linear(rows, params.w13, params.b13, plan, offsets=offsets)
+        # The loop's pass over the E experts for the non-empty ones, also done once.
+        m13 = grouped_method(rows, params.w13, plan.num_slots, plan.num_experts)
+        segs = active_segments(offsets) if m13 == "loop" else None
+    h13 = grouped_linear(rows, params.w13, params.b13, plan, method=m13, offsets=offsets, segments=segs)
     hidden = apply_activation(h13, params.activation, params.interleaved)
-    y = apply_post_norm(grouped_linear(hidden, params.w2, params.b2, plan, offsets=offsets), params.post_norm)
+    if offsets is not None:
+        m2 = grouped_method(hidden, params.w2, plan.num_slots, plan.num_experts)
+        if m2 == "loop" and segs is None:
+            segs = active_segments(offsets)
+    y = apply_post_norm(grouped_linear(hidden, params.w2, params.b2, plan, method=m2, offsets=offsets,
+                                       segments=segs), params.post_norm)
     y_slot = y.index_select(0, plan.slot_position).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
     k = plan.top_k
     if k is not None and plan.max_slots_per_token == k:
