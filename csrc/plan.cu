@@ -81,6 +81,20 @@ __device__ __forceinline__ void block_scan_pair(int* a, int* b, int n, int block
   __syncthreads();
 }
 
+// Sorts one token's row of slot ids ascending (insertion sort: rows hold at most K
+// entries, mostly already in order); the one-CTA and the many-CTA plans both end with it.
+__device__ __forceinline__ void sort_token_row(int* row, int n) {
+  for (int a = 1; a < n; ++a) {
+    const int v = row[a];
+    int b = a - 1;
+    while (b >= 0 && row[b] > v) {
+      row[b + 1] = row[b];
+      --b;
+    }
+    row[b + 1] = v;
+  }
+}
+
 __device__ __forceinline__ int plan_bucket(int e, int num_experts) {
   return (e >= 0 && e < num_experts) ? e : num_experts;
 }
@@ -202,17 +216,7 @@ extern "C" __global__ void __launch_bounds__(1024) _plan_build_fwd_kernel(
   // 4. token rows of non-token-major routings, in slot order
   if (top_k == 0) {
     for (int t = tid; t < num_tokens; t += nthreads) {
-      int* row = token_slots + (long long)t * max_slots_per_token;
-      const int n = min(token_fill[t], max_slots_per_token);
-      for (int a = 1; a < n; ++a) {
-        const int v = row[a];
-        int b = a - 1;
-        while (b >= 0 && row[b] > v) {
-          row[b + 1] = row[b];
-          --b;
-        }
-        row[b + 1] = v;
-      }
+      moe::sort_token_row(token_slots + (long long)t * max_slots_per_token, min(token_fill[t], max_slots_per_token));
     }
   }
 }
@@ -421,15 +425,5 @@ extern "C" __global__ void __launch_bounds__(moe_plan::kPlanRowThreads) _plan_to
   const long long tt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (tt >= num_tokens) return;
   const int t = (int)tt;
-  int* row = token_slots + (long long)t * max_slots_per_token;
-  const int n = min(token_fill[t], max_slots_per_token);
-  for (int a = 1; a < n; ++a) {
-    const int v = row[a];
-    int b = a - 1;
-    while (b >= 0 && row[b] > v) {
-      row[b + 1] = row[b];
-      --b;
-    }
-    row[b + 1] = v;
-  }
+  moe::sort_token_row(token_slots + (long long)t * max_slots_per_token, min(token_fill[t], max_slots_per_token));
 }
