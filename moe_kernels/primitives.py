@@ -15,6 +15,7 @@ import torch
 from ._checks import _compiling
 from .plan import DispatchPlan
 from .routing import Routing, topk_load_balancing_loss
+from .segment_matmul import FM_MAX_ROWS, segment_form, segment_linear
 
 __all__ = ["combine_slots", "zero_link", "grouped_linear", "grouped_method", "active_segments", "TopkArgs", "fused_topk_args", "routing_from_topk"]
 
@@ -55,7 +56,7 @@ def zero_link(*tensors: torch.Tensor | None) -> torch.Tensor | None:
 # up to 8 possibly-active experts (min(S, E), known from the shapes alone) the loop is as
 # fast or faster, from 32 on grouped_mm is; the cut sits between.
 LOOP_MAX_SEGMENTS = 24
-GROUPED_METHODS = ("loop", "grouped_mm")
+GROUPED_METHODS = ("loop", "grouped_mm", "grouped_mm_fm")
 # Tests pin a method here to cover every path the dispatcher can choose.
 _forced_method: str | None = None
 
@@ -79,14 +80,25 @@ def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_method(a: torch.Tensor, w: torch.Tensor, num_slots: int, num_experts: int) -> str:
-    """``"loop"`` or ``"grouped_mm"`` for rows ``a`` [S, K] and weights ``w`` [E, N, K],
-    from static shapes only (the same choice in eager and under ``torch.compile``)."""
+    """``"loop"``, ``"grouped_mm"`` or ``"grouped_mm_fm"`` (CPU float32, at most
+    ``FM_MAX_ROWS`` rows per expert on average: the feature-major orientation) for rows
+    ``a`` [S, K] and weights ``w`` [E, N, K], from static shapes only (the same choice in
+    eager and under ``torch.compile``)."""
     if _forced_method is not None:
-        return _forced_method if _forced_method == "loop" or _grouped_mm_ok(a, w) else "loop"
+        if _forced_method == "loop" or not _grouped_mm_ok(a, w):
+            return "loop"
+        if _forced_method == "grouped_mm_fm" and (a.device.type != "cpu" or w.stride(-1) != 1):
+            return "grouped_mm"
+        return _forced_method
     if not _grouped_mm_ok(a, w):
         return "loop"
-    if a.device.type == "cpu" and min(num_slots, num_experts) <= LOOP_MAX_SEGMENTS:
+    if a.device.type != "cpu":
+        return "grouped_mm"
+    if min(num_slots, num_experts) <= LOOP_MAX_SEGMENTS:
         return "loop"
+    # Few rows per expert: the feature-major orientation (see segment_matmul) in the same C++ loop.
+    if a.dtype is torch.float32 and w.stride(-1) == 1 and num_slots <= FM_MAX_ROWS * num_experts:
+        return "grouped_mm_fm"
     return "grouped_mm"
 
 
@@ -105,13 +117,25 @@ def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str, segs=None) -> torch
             counts = offs_t[1:] - offs_t[:-1]
             pos = torch.repeat_interleave(torch.arange(w.shape[0], device=a.device), counts, output_size=v)
             out[:v] += b.index_select(0, pos)
+    elif method == "grouped_mm_fm":
+        # Feature-major: [N, S] = w[e] @ a^T per segment, in one C++ loop (the weight
+        # as the 3-D operand); returned as its [S, N] transposed view.
+        out_t = torch._grouped_mm(w, a.t(), offs=offs_t[1:])
+        if b is not None and v:
+            counts = offs_t[1:] - offs_t[:-1]
+            pos = torch.repeat_interleave(torch.arange(w.shape[0], device=a.device), counts, output_size=v)
+            out_t[:, :v] += b.index_select(0, pos).t()
+        if v < s:
+            out_t[:, v:] = 0
+        return out_t.t()
     else:
         out = a.new_empty(s, n)
-        for ex, lo, hi in segs if segs is not None else active_segments(offs):
-            if b is None:
-                torch.mm(a[lo:hi], w[ex].t(), out=out[lo:hi])
-            else:
-                torch.addmm(b[ex], a[lo:hi], w[ex].t(), out=out[lo:hi])
+        segs = segs if segs is not None else active_segments(offs)
+        forms = [segment_form(hi - lo, w[ex]) for ex, lo, hi in segs]
+        fm_rows = max((hi - lo for (_, lo, hi), f in zip(segs, forms) if f == "fm"), default=0)
+        scratch = a.new_empty(n, fm_rows) if fm_rows else None
+        for (ex, lo, hi), form in zip(segs, forms):
+            segment_linear(out, a, w[ex], None if b is None else b[ex], lo, hi, form, scratch)
     if v < s:
         out[v:] = 0  # rows of dropped slots: unwritten by either method
     return out
@@ -129,7 +153,7 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, nee
     # Weights stored transposed ([E, K, N], GPT-OSS): write their gradient in that layout
     # (a^T g per expert), so autograd accumulates it without a strided copy.
     stored_t = w.stride(-2) == 1 and w.stride(-1) != 1
-    if method == "grouped_mm":
+    if method.startswith("grouped_mm"):
         ga = torch._grouped_mm(g, w, offs=offs_t[1:])
         if v < s:
             ga[v:] = 0
@@ -187,7 +211,7 @@ class _GroupedLinear(torch.autograd.Function):
 @torch.library.custom_op("moe_kernels::grouped_linear_fwd", mutates_args=())
 def _grouped_linear_op(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offs_t: torch.Tensor,
                        method: str) -> torch.Tensor:
-    return _fwd_impl(a, w, b, offs_t, offs_t.tolist(), method)
+    return _fwd_impl(a, w, b, offs_t, offs_t.tolist(), method).contiguous()  # the fake's strides
 
 
 @_grouped_linear_op.register_fake
@@ -239,6 +263,8 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
     if a.device.type != "cpu":
         return _grouped_device(a, w, b, plan) if method == "grouped_mm" else _loop_autograd(a, w, b, plan)
     offs_t = plan.expert_offsets
+    if not a.is_contiguous():  # a feature-major result of the previous matmul: every form (and backward) wants rows
+        a = a.contiguous()
     if _compiling():
         return _grouped_linear_op(a, w, b, offs_t, method)
     offs = offsets if offsets is not None else offs_t.tolist()

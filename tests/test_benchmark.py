@@ -436,3 +436,25 @@ def test_time_side_by_side_interleaves_and_reports_errors():
     assert isinstance(out["bad"], RuntimeError)
     timed = order[2:]  # after one warm-up call of a and of b
     assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]  # one sample of each per round, first one rotating
+
+
+def test_time_side_by_side_gives_every_sample_its_own_rotation_set():
+    # Edge: two providers sharing weight sets. If both took set i in round i, the second
+    # would read what the first left in the caches; one shared sequence makes each
+    # sample's set differ from the one timed just before it.
+    from moe_kernels.bench.run import time_side_by_side
+
+    used = []
+
+    def call(name, i):
+        def f():
+            used.append((name, i))
+        return f
+
+    sets = 4
+    out = time_side_by_side({p: [call(p, i) for i in range(sets)] for p in ("a", "b")},
+                            warmup=1, repeats=6, budget_s=10.0)
+    assert out["a"].samples == out["b"].samples == 6
+    timed = [i for _, i in used[2:]]
+    assert timed == [k % sets for k in range(12)]
+    assert all(x != y for x, y in zip(timed, timed[1:]))

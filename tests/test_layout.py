@@ -15,7 +15,8 @@ import pathlib
 import re
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "moe_kernels"
-CORE = {"_checks", "options", "limits", "activations", "params", "routing", "plan", "primitives", "reference",
+CORE = {"_checks", "options", "limits", "activations", "params", "routing", "plan", "primitives", "segment_matmul",
+        "reference",
         "testing"}
 BACKENDS = ("torch", "triton", "cuda")
 TRITON_PUBLIC = {"moe_kernels.backends.triton", "moe_kernels.backends.triton.experts",

@@ -1,5 +1,6 @@
-"""The torch backend's grouped-matmul methods (a loop over the active experts, and
-``torch._grouped_mm``), each pinned: value and gradients against the reference,
+"""The torch backend's grouped-matmul methods (a loop over the active experts,
+``torch._grouped_mm`` token-major and feature-major) and its gathered-weights decode
+path, each pinned: value and gradients against the reference,
 bitwise repeatability at a fixed thread count, host reads on the hot path, and
 ``torch.compile(fullgraph=True)`` of the layer on every path the dispatcher can choose."""
 
@@ -12,14 +13,20 @@ from moe_kernels.plan import build_plan_torch
 from moe_kernels.routing import Routing, softmax_topk, switch
 from moe_kernels.testing import assert_close
 
-METHODS = ["loop", "grouped_mm"]
+# The grouped-matmul methods, and the decode path that gathers each slot's weights
+# instead (backends/torch/experts.py); "segments" pins the grouped path off.
+METHODS = ["loop", "grouped_mm", "grouped_mm_fm", "gather"]
 
 
 @pytest.fixture
 def method(request):
-    prim._forced_method = request.param
+    import moe_kernels.backends.torch.experts as tex
+
+    tex._forced_path = "gather" if request.param == "gather" else "segments"
+    prim._forced_method = None if request.param == "gather" else request.param
     yield request.param
     prim._forced_method = None
+    tex._forced_path = None
 
 
 def weights(e, h, i, dtype, bias, transposed, gen):

@@ -174,9 +174,13 @@ def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budg
     sample of every provider in turn, so a burst of load from other processes lands on
     all of them alike instead of on whichever cell was running (a shared machine's noise
     then cancels in the ratios), and the order rotates each round so that no provider
-    always runs first. Returns name -> :class:`Timing` or the exception it raised."""
+    always runs first. Every sample takes the next rotation set of one sequence shared
+    by all providers, so no provider reads weights another one just left in the caches
+    (each sample pays for its weights cold, as a layer of a real model does: the rest of
+    the model evicts them between calls). Returns name -> :class:`Timing` or the
+    exception it raised."""
     out: dict = {}
-    nxt = {name: 0 for name in calls}
+    step = 0  # the shared rotation sequence
     warm: dict[str, float] = {}
     for name, cs in calls.items():
         try:
@@ -184,7 +188,6 @@ def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budg
             for j in range(max(warmup, 1)):
                 cs[j % len(cs)]()
             warm[name] = (time.perf_counter() - t0) / max(warmup, 1)
-            nxt[name] = max(warmup, 1)
         except Exception as exc:  # noqa: BLE001 - reported in the provider's row
             out[name] = exc
     live = [n for n in calls if n not in out]
@@ -193,12 +196,11 @@ def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budg
     need = min(3, repeats) if 3 * sum(warm.values()) <= budget else 1
     t_start = time.perf_counter()
     for r in range(repeats):
-        # The provider that runs first in a round pays for what the others left in the
-        # caches (seen as 1.2-1.5x at T=1 on the CPU): rotate who goes first.
+        # Rotate who goes first, so that no provider always runs after the same one.
         turn = live[r % len(live):] + live[:r % len(live)] if live else []
         for name in [n for n in turn if n not in out]:
-            fn = calls[name][nxt[name] % len(calls[name])]
-            nxt[name] += 1
+            fn = calls[name][step % len(calls[name])]
+            step += 1
             try:
                 t0 = time.perf_counter()
                 fn()
@@ -329,8 +331,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 if shape not in weights:
                     copies = rotation_copies(shape, dbytes, cache, budget)
                     weights[shape] = make_weights(shape, dtype, device, copies, seed=args.seed)
+                # A multiple of the weight sets, so call i pairs weight set i % W without repeats.
+                w_sets = len(weights[shape])
                 inputs = make_inputs(shape, t, dtype, device, routing=args.routing, zipf=args.zipf,
-                                     copies=max(4, len(weights[shape])), seed=args.seed + t)
+                                     copies=w_sets * -(-4 // w_sets), seed=args.seed + t)
                 if t == max(cfg["tokens"]) and shape.name not in loads:
                     loads[shape.name] = (t, args.routing, expert_load(inputs))
             if inputs is None:

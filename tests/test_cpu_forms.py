@@ -1,0 +1,174 @@
+"""The CPU matmul forms of one expert segment (moe_kernels/segment_matmul.py) and the
+torch backend's gathered-weights decode path: each pinned against the reference (values
+and gradients), the form table, bitwise repeatability at two threads, and the fallbacks."""
+
+import pytest
+import torch
+
+import moe_kernels.backends.torch.experts as tex
+import moe_kernels.primitives as prim
+import moe_kernels.segment_matmul as sm
+from moe_kernels import expert_params, fused_experts, moe_reference
+from moe_kernels.routing import Routing, softmax_topk, switch
+from moe_kernels.testing import assert_close
+
+
+@pytest.fixture
+def form(request):
+    # The loop method (the one that runs segment forms), on the segments path.
+    sm._forced_form, prim._forced_method, tex._forced_path = request.param, "loop", "segments"
+    yield request.param
+    sm._forced_form, prim._forced_method, tex._forced_path = None, None, None
+
+
+def _weights(e, h, i, dtype, bias, transposed, gen):
+    shape13, shape2 = ((e, h, 2 * i), (e, i, h)) if transposed else ((e, 2 * i, h), (e, h, i))
+    w13 = (torch.randn(shape13, generator=gen) * h ** -0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(shape2, generator=gen) * i ** -0.5).to(dtype).requires_grad_()
+    b13 = (torch.randn(e, 2 * i, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    b2 = (torch.randn(e, h, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    return w13, w2, b13, b2
+
+
+def _routing(t, e, gen, *, k=2, skew=None, drop=False):
+    logits = torch.randn(t, e, generator=gen)
+    if skew is not None:
+        for ex, boost in skew.items():
+            logits[:, ex] += boost
+    r = switch(logits, capacity_factor=1.0) if drop else softmax_topk(logits, top_k=k)
+    sw = r.slot_weight.detach().requires_grad_()
+    return Routing(r.slot_token, r.slot_expert, sw, r.num_tokens, r.num_experts, r.max_slots_per_token, top_k=r.top_k)
+
+
+def _check(params, x, r, leaves, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(99)
+    dout = torch.randn(x.shape, generator=gen).to(dtype)
+    live = [v for v in leaves if v is not None]
+    got = fused_experts(x, r, params, backend="torch")
+    want = moe_reference(x, r, params)
+    assert_close(got, want, dtype)
+    for g, w in zip(torch.autograd.grad(got, live, dout), torch.autograd.grad(want, live, dout)):
+        assert_close(g, w, dtype, scale=max(1.0, w.abs().max().item()), name="grad")
+
+
+# Segment sizes cover each form's range: 1 row, 2-4, 5-15 and 16+ rows per expert.
+CASES = [
+    dict(t=1, e=7, transposed=True, bias=True, act="swiglu_oai"),   # T = 1: one row per expert, GPT-OSS layout
+    dict(t=13, e=7, skew={4: -50.0}),                               # 2-6 rows; expert 4 gets no token (E prime)
+    dict(t=40, e=5, bias=True),                                      # ~16 rows per expert
+    dict(t=23, e=11, skew={3: 50.0, 5: 40.0}, bias=True),           # all tokens to experts 3 and 5 (23 rows each)
+    dict(t=29, e=7, drop=True, bias=True),                           # Switch over capacity: dropped slots
+]
+
+
+@pytest.mark.parametrize("form", sm.SEGMENT_FORMS, indirect=True)
+@pytest.mark.parametrize("case", CASES)
+def test_each_form_matches_reference(form, case):
+    gen = torch.Generator().manual_seed(case["t"] * 7 + case["e"])
+    h, i = 24, 20  # not multiples of 16
+    w13, w2, b13, b2 = _weights(case["e"], h, i, torch.float32, case.get("bias", False), case.get("transposed", False), gen)
+    params = expert_params(w13, w2, b13, b2, transposed=case.get("transposed", False),
+                           interleaved=case.get("act") == "swiglu_oai", activation=case.get("act", "swiglu"))
+    x = torch.randn(case["t"], h, generator=gen, requires_grad=True)
+    r = _routing(case["t"], case["e"], gen, skew=case.get("skew"), drop=case.get("drop", False))
+    if case.get("drop"):
+        assert int((r.slot_expert == case["e"]).sum()) > 0  # the case really drops slots
+    _check(params, x, r, [x, w13, w2, b13, b2, r.slot_weight])
+
+
+def test_form_table():
+    # What segment_form picks (float32; the thresholds of segment_matmul's docstring).
+    small = torch.empty(96, 128)                  # 12K elements: oneDNN's fixed cost never pays
+    big = torch.empty(1792, 256)                  # 448K elements (Mixtral small w13)
+    mid = torch.empty(256, 448)                   # 112K: oneDNN from 5 rows, not for one row
+    dnn = "dnn" if sm.dnn_available() else "mm"
+    assert [sm.segment_form(m, small) for m in (1, 2, 4, 8, 15, 16, 64)] == ["mm", "fm", "fm", "fm", "fm", "mm", "mm"]
+    assert [sm.segment_form(m, big) for m in (1, 2, 4, 5, 64)] == [dnn, "fm", "fm", dnn, dnn]
+    assert [sm.segment_form(m, mid) for m in (1, 3, 5)] == ["mm", "fm", dnn]
+    # Stored transposed ([K, N] storage viewed as [N, K]): never feature-major.
+    big_t = torch.empty(256, 1792).t()
+    assert [sm.segment_form(m, big_t) for m in (1, 2, 4, 64)] == ["mm", "mm", dnn, dnn]
+    assert [sm.segment_form(m, torch.empty(96, 128).t()) for m in (1, 4, 64)] == ["mm", "mm", "mm"]
+    # Other dtypes: plain mm (bf16 mm is oneDNN already).
+    assert {sm.segment_form(m, big.to(torch.bfloat16)) for m in (1, 3, 64)} == {"mm"}
+    assert {sm.segment_form(m, big.double()) for m in (1, 3, 64)} == {"mm"}
+
+
+def test_no_onednn_falls_back_to_mm(monkeypatch):
+    monkeypatch.setattr(sm, "dnn_available", lambda: False)
+    big = torch.empty(1792, 256)
+    assert [sm.segment_form(m, big) for m in (1, 3, 8, 64)] == ["mm", "fm", "fm", "mm"]
+    monkeypatch.setattr(sm, "_forced_form", "dnn")
+    assert sm.segment_form(8, big) == "mm"
+
+
+@pytest.mark.parametrize("form", sm.SEGMENT_FORMS, indirect=True)
+def test_form_bitwise_repeatable_two_threads(form):
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        e, h, i, t = 6, 64, 48, 300
+        w13, w2, b13, b2 = (v.detach() for v in _weights(e, h, i, torch.float32, True, False, gen))
+        params = expert_params(w13, w2, b13, b2)
+        x = torch.randn(t, h, generator=gen)
+        r = softmax_topk(torch.randn(t, e, generator=gen), top_k=2)
+        first = fused_experts(x, r, params, backend="torch")
+        for _ in range(8):
+            assert torch.equal(fused_experts(x, r, params, backend="torch"), first)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_gather_is_chosen_from_shapes():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 128)
+    small = expert_params(*_weights(64, 128, 64, torch.float32, False, False, gen))      # 96 KiB per expert
+    large = expert_params(*_weights(8, 256, 896, torch.float32, False, False, gen))      # 2.6 MiB per expert
+    from moe_kernels.plan import build_plan_torch
+
+    decode = build_plan_torch(softmax_topk(torch.randn(2, 64, generator=gen), top_k=8), 1)   # 16 slots
+    prefill = build_plan_torch(softmax_topk(torch.randn(3, 64, generator=gen), top_k=8), 1)  # 24 slots
+    assert tex.uses_gather(x, decode, small)
+    assert not tex.uses_gather(torch.randn(3, 128), prefill, small)
+    assert not tex.uses_gather(torch.randn(2, 256), build_plan_torch(softmax_topk(torch.randn(2, 8), top_k=2), 1), large)
+
+
+def test_gather_selects_dropped_slots_away():
+    # Edge: a dropped slot computes with expert E-1 and is selected away. Expert E-1 holds
+    # inf and no valid slot reaches it: the output must stay finite and match the reference.
+    gen = torch.Generator().manual_seed(8)
+    e, h, i, t = 5, 16, 12, 6
+    w13, w2, b13, b2 = (v.detach() for v in _weights(e, h, i, torch.float32, True, False, gen))
+    w13[e - 1] = float("inf")
+    params = expert_params(w13, w2, b13, b2)
+    x = torch.randn(t, h, generator=gen)
+    ids = torch.randint(0, e - 1, (t, 2), generator=gen)
+    ids[0, 1], ids[4, 0] = e, e  # dropped slots, first and mid-routing
+    r = Routing.from_topk(ids, torch.rand(t, 2, generator=gen), e)
+    tex._forced_path = "gather"
+    try:
+        out = fused_experts(x, r, params, backend="torch")
+    finally:
+        tex._forced_path = None
+    assert torch.isfinite(out).all()
+    assert_close(out, moe_reference(x, r, params), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_path_training(dtype):
+    # T = 1 and T = 3 (a repeated expert across tokens), GPT-OSS layout: gradients of x,
+    # every weight and the slot weights through index_select + bmm.
+    gen = torch.Generator().manual_seed(4)
+    e, h, i = 13, 24, 20
+    w13, w2, b13, b2 = _weights(e, h, i, dtype, True, True, gen)
+    params = expert_params(w13, w2, b13, b2, transposed=True, interleaved=True, activation="swiglu_oai")
+    tex._forced_path = "gather"
+    try:
+        for t in (1, 3):
+            x = torch.randn(t, h, generator=gen).to(dtype).requires_grad_()
+            r = _routing(t, e, gen, k=4)
+            r = Routing(r.slot_token, r.slot_expert, r.slot_weight.detach().to(dtype).requires_grad_(), t, e, 4, top_k=4)
+            _check(params, x, r, [x, w13, w2, b13, b2, r.slot_weight], dtype)
+    finally:
+        tex._forced_path = None
