@@ -458,3 +458,30 @@ def test_time_side_by_side_gives_every_sample_its_own_rotation_set():
     timed = [i for _, i in used[2:]]
     assert timed == [k % sets for k in range(12)]
     assert all(x != y for x, y in zip(timed, timed[1:]))
+
+
+def test_ratio_table_over_runs(tmp_path):
+    # Two runs of one cell: ratios are taken inside each run (ours over the fastest peer
+    # of that run), then summarised; a cell missing ours is left out.
+    from moe_kernels.bench.ratios import main, ratio_table, run_ratios
+    from moe_kernels.bench.report import COLUMNS, CsvWriter, read_csv
+
+    def run(path, times):
+        w = CsvWriter(str(path), {})
+        for (shape, prov), ms in times.items():
+            w.write({"shape": shape, "T": 1, "mode": "fwd", "device_name": "cpu (1 threads)", "provider": prov,
+                     "status": "ok", "median_ms": ms})
+        w.close()
+        return read_csv(str(path))
+
+    a = run(tmp_path / "a.csv", {("m", "torch"): 1.0, ("m", "reference"): 2.0, ("m", "hf_eager"): 1.25,
+                                 ("d", "reference"): 1.0})
+    b = run(tmp_path / "b.csv", {("m", "torch"): 3.0, ("m", "reference"): 2.0, ("m", "hf_grouped_mm"): 2.5})
+    assert run_ratios(a) == {("m", 1, "fwd", "cpu (1 threads)"): 0.8}
+    assert run_ratios(b) == {("m", 1, "fwd", "cpu (1 threads)"): 1.5}
+    table = ratio_table([a, b])
+    assert "| m | 1 | fwd | cpu (1 threads) | 1.15 (0.80-1.50) | 1 of 2 |" in table
+    assert "| d |" not in table
+    assert main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    assert main([str(tmp_path / "missing.csv")]) == 2
+    assert "shape" in COLUMNS

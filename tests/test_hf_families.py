@@ -151,7 +151,10 @@ def test_new_family_matches_eager_forward_and_grad(family):
     we, wo = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
     ye, yo = eager(xe, idx, we), ours(xo, idx, wo)
     spec = mkt.resolve(ours)
-    assert torch.allclose(yo, ye, rtol=1e-5, atol=1e-5), (spec.describe(), (yo - ye).abs().max())
+    # fp32 rounding relative to the output's scale: the CPU matmul forms sum in another
+    # order than HF's mm (x * 3 and clamps at 10 make values of tens).
+    scale = max(1.0, ye.abs().max().item())
+    assert torch.allclose(yo, ye, rtol=1e-5, atol=1e-5 * scale), (spec.describe(), (yo - ye).abs().max())
     up = torch.randn_like(ye)
     (ye * up).sum().backward()
     (yo * up).sum().backward()

@@ -8,11 +8,18 @@ grouped matmul with W2 → back to slot order → times the slot weight → per-
 
 The grouped matmul's method is picked by regime from static shapes
 (:func:`moe_kernels.primitives.grouped_method`): on the CPU a loop over the *active*
-experts while few can be active (small ``T``), ``torch._grouped_mm`` over the expert
-segments past that. The only host read is the expert offsets (``E + 1`` ints, once per
-call, shared by both matmuls, as is the list of non-empty segments); value checks
-belong to the API boundary (and to ``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
+experts while few can be active (small ``T``), each segment by the fastest library form
+for its rows and weight (:mod:`moe_kernels.segment_matmul`), ``torch._grouped_mm`` over
+the expert segments past that (feature-major at few rows per expert). The only host read
+is the expert offsets (``E + 1`` ints, once per call, shared by both matmuls, as is the
+list of non-empty segments); value checks belong to the API boundary (and to
+``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
 opaque custom ops, so every method traces.
+
+Decode on the CPU with small experts (:func:`uses_gather`: at most 16 slots, 128 KiB of
+weights per expert) skips the sort: each slot's expert weights are gathered and two
+``bmm`` run over the slots (no host read at all; backward through autograd, the
+weights' gradient an ``index_add`` in a fixed order on the CPU).
 
 Backward: autograd through the gathers, the activation and the combine; the grouped
 matmuls have an explicit backward (one matmul per expert and operand, fixed order). It
