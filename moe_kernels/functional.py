@@ -74,7 +74,7 @@ def fused_experts(
                           autotune=autotune)
     if x.shape[0] == 0:
         return empty_output(x, params, routing)
-    return impl.experts(x, impl.plan(routing, params, opts), params, opts)
+    return impl.run(x, routing, params, opts)
 
 
 def kernel_options(options: KernelOptions | None = None, **fields) -> KernelOptions | None:
@@ -127,6 +127,5 @@ def moe(
     opts = kernel_options(options, combine=combine, recompute_h=recompute_h, gemm_config=gemm_config,
                           autotune=autotune)
     routing = impl.route(router_logits, router, router_options)
-    out = empty_output(x, params, routing) if x.shape[0] == 0 else impl.experts(
-        x, impl.plan(routing, params, opts), params, opts)
+    out = empty_output(x, params, routing) if x.shape[0] == 0 else impl.run(x, routing, params, opts)
     return (out, routing) if return_routing else out

@@ -7,19 +7,20 @@ how it is handed to the libraries. Three forms, each writing ``out[lo:hi]`` (tok
 * ``"mm"``: ``torch.mm(a_seg, w_e^T)``, what every peer runs (MKL).
 * ``"fm"``: feature-major, ``torch.mm(w_e, a_seg^T)`` into an ``[N, m]`` scratch, then
   one transposing copy of its ``m * N`` values. MKL streams the weight through its
-  small-``m`` kernel in this orientation: 1.5-2.5x faster than ``"mm"`` for 2-4 rows,
-  and it stays ahead to about 16 rows while the weight is small. Weights stored
-  transposed (``[E, K, N]``, GPT-OSS) make it slower instead, so they never take it.
+  small-``m`` kernel in this orientation: 1.4-2.2x faster than ``"mm"`` for 2-4 rows
+  (to about 8 on mid-sized weights); under 32K weight elements the copy and the call
+  cost more than it saves. Weights stored transposed (``[E, K, N]``, GPT-OSS) make it
+  slower instead, so they never take it.
 * ``"dnn"``: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op inductor
   uses for frozen linears; here on the plain weight, nothing prepacked or cached). Its
   ~15-20 µs fixed cost loses on small weights, but from about 64K weight elements and
-  ``m >= 5`` it runs 1.3-1.9x faster than MKL, and with two threads it parallelises a
-  single row that MKL runs on one core.
+  ``m >= 5`` it runs 1.2-1.8x faster than MKL (from 32K at 32+ rows), and with two
+  threads it parallelises a single row that MKL runs on one core.
 
 :func:`segment_form` picks from the segment's row count, the weight's size and layout,
 and the dtype (float32 only: bf16 ``mm`` already runs oneDNN). The thresholds come from
 cold-cache timings on the default bench shapes, one and two threads
-(docs/PERFORMANCE.md, "CPU matmul forms"). A torch built without oneDNN, or whose op
+(``python -m moe_kernels.bench.forms`` reruns them; docs/PERFORMANCE.md). A torch built without oneDNN, or whose op
 has changed, drops ``"dnn"`` for ``"mm"`` (probed once).
 
 Determinism: each form is a fixed library call for a given ``m``, so one input gives
@@ -37,14 +38,18 @@ import torch
 __all__ = ["SEGMENT_FORMS", "segment_form", "segment_linear", "dnn_available"]
 
 SEGMENT_FORMS = ("mm", "fm", "dnn")
-# Weight elements from which oneDNN's fixed cost pays off at m >= 5 (and, from twice
-# that, at m = 1: a matrix-vector product is memory-bound for both libraries).
+# Weight elements (N * K) from which each form pays for its fixed cost: the feature-major
+# copy from 32K; oneDNN from 64K at 5+ rows, from 128K for a single row (a
+# matrix-vector product is memory-bound in both libraries), from 32K at 32+ rows.
+FM_MIN_ELEMENTS = 1 << 15
 DNN_MIN_ELEMENTS = 1 << 16
 DNN_MIN_ELEMENTS_ONE_ROW = 1 << 17
-# Row counts the feature-major form takes: 2..FM_MAX_ROWS always, up to FM_MAX_ROWS_SMALL
-# for weights under DNN_MIN_ELEMENTS (where oneDNN does not pay off).
+DNN_MIN_ELEMENTS_MANY_ROWS = 1 << 15
+DNN_MANY_ROWS = 32
+# Row counts the feature-major form takes: 2..FM_MAX_ROWS always (from FM_MIN_ELEMENTS),
+# up to FM_MAX_ROWS_MID where oneDNN does not pay off.
 FM_MAX_ROWS = 4
-FM_MAX_ROWS_SMALL = 15
+FM_MAX_ROWS_MID = 8
 # Tests pin a form here to cover each one on every shape.
 _forced_form: str | None = None
 
@@ -76,15 +81,16 @@ def segment_form(m: int, w_e: torch.Tensor) -> str:
         return "mm"
     size = w_e.shape[0] * w_e.shape[1]
     dnn = dnn_available()
+    dnn_pays = dnn and (size >= DNN_MIN_ELEMENTS or (m >= DNN_MANY_ROWS and size >= DNN_MIN_ELEMENTS_MANY_ROWS))
     if w_e.stride(-1) != 1:  # stored transposed: MKL's row-major-B kernel is fine for few rows
-        return "dnn" if dnn and size >= DNN_MIN_ELEMENTS and m >= 4 else "mm"
+        return "dnn" if dnn_pays and m >= 4 else "mm"
     if m == 1:
         return "dnn" if dnn and size >= DNN_MIN_ELEMENTS_ONE_ROW else "mm"
-    if m <= FM_MAX_ROWS:
+    if m <= FM_MAX_ROWS and size >= FM_MIN_ELEMENTS:
         return "fm"
-    if dnn and size >= DNN_MIN_ELEMENTS:
+    if dnn_pays and m > FM_MAX_ROWS:
         return "dnn"
-    return "fm" if m <= FM_MAX_ROWS_SMALL else "mm"
+    return "fm" if FM_MIN_ELEMENTS <= size and m <= FM_MAX_ROWS_MID else "mm"
 
 
 def segment_linear(out: torch.Tensor, a: torch.Tensor, w_e: torch.Tensor, b_e: torch.Tensor | None,

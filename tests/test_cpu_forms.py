@@ -5,7 +5,7 @@ and gradients), the form table, bitwise repeatability at two threads, and the fa
 import pytest
 import torch
 
-import moe_kernels.backends.torch.experts as tex
+import moe_kernels.backends.torch.decode as tex
 import moe_kernels.primitives as prim
 import moe_kernels.segment_matmul as sm
 from moe_kernels import expert_params, fused_experts, moe_reference
@@ -78,17 +78,22 @@ def test_each_form_matches_reference(form, case):
 
 def test_form_table():
     # What segment_form picks (float32; the thresholds of segment_matmul's docstring).
-    small = torch.empty(96, 128)                  # 12K elements: oneDNN's fixed cost never pays
-    big = torch.empty(1792, 256)                  # 448K elements (Mixtral small w13)
+    tiny = torch.empty(96, 128)                   # 12K elements: plain mm, or oneDNN's fixed cost would show
+    small = torch.empty(176, 176)                 # 31K: mm; oneDNN from 32 rows
+    mid_fm = torch.empty(128, 448)                # 57K: feature-major to 8 rows, oneDNN from 32 rows
     mid = torch.empty(256, 448)                   # 112K: oneDNN from 5 rows, not for one row
+    big = torch.empty(1792, 256)                  # 448K elements (Mixtral small w13)
     dnn = "dnn" if sm.dnn_available() else "mm"
-    assert [sm.segment_form(m, small) for m in (1, 2, 4, 8, 15, 16, 64)] == ["mm", "fm", "fm", "fm", "fm", "mm", "mm"]
+    assert [sm.segment_form(m, tiny) for m in (1, 2, 4, 8, 64)] == ["mm"] * 5
+    assert [sm.segment_form(m, small) for m in (1, 2, 8, 31, 32)] == ["mm", "mm", "mm", "mm", "mm"]
+    assert [sm.segment_form(m, mid_fm) for m in (1, 2, 4, 8, 9, 31, 32)] == ["mm", "fm", "fm", "fm", "mm", "mm", dnn]
+    assert [sm.segment_form(m, mid) for m in (1, 3, 5, 64)] == ["mm", "fm", dnn, dnn]
     assert [sm.segment_form(m, big) for m in (1, 2, 4, 5, 64)] == [dnn, "fm", "fm", dnn, dnn]
-    assert [sm.segment_form(m, mid) for m in (1, 3, 5)] == ["mm", "fm", dnn]
     # Stored transposed ([K, N] storage viewed as [N, K]): never feature-major.
     big_t = torch.empty(256, 1792).t()
     assert [sm.segment_form(m, big_t) for m in (1, 2, 4, 64)] == ["mm", "mm", dnn, dnn]
-    assert [sm.segment_form(m, torch.empty(96, 128).t()) for m in (1, 4, 64)] == ["mm", "mm", "mm"]
+    assert [sm.segment_form(m, torch.empty(176, 352).t()) for m in (1, 4, 16, 32)] == ["mm", "mm", "mm", dnn]
+    assert [sm.segment_form(m, torch.empty(128, 96).t()) for m in (1, 4, 64)] == ["mm", "mm", "mm"]
     # Other dtypes: plain mm (bf16 mm is oneDNN already).
     assert {sm.segment_form(m, big.to(torch.bfloat16)) for m in (1, 3, 64)} == {"mm"}
     assert {sm.segment_form(m, big.double()) for m in (1, 3, 64)} == {"mm"}
@@ -97,7 +102,7 @@ def test_form_table():
 def test_no_onednn_falls_back_to_mm(monkeypatch):
     monkeypatch.setattr(sm, "dnn_available", lambda: False)
     big = torch.empty(1792, 256)
-    assert [sm.segment_form(m, big) for m in (1, 3, 8, 64)] == ["mm", "fm", "fm", "mm"]
+    assert [sm.segment_form(m, big) for m in (1, 3, 8, 64)] == ["mm", "fm", "fm", "mm"]  # fm to 8 rows, then mm
     monkeypatch.setattr(sm, "_forced_form", "dnn")
     assert sm.segment_form(8, big) == "mm"
 
@@ -120,18 +125,61 @@ def test_form_bitwise_repeatable_two_threads(form):
         torch.set_num_threads(old)
 
 
-def test_gather_is_chosen_from_shapes():
+def test_decode_path_is_chosen_from_shapes():
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 128)
     small = expert_params(*_weights(64, 128, 64, torch.float32, False, False, gen))      # 96 KiB per expert
     large = expert_params(*_weights(8, 256, 896, torch.float32, False, False, gen))      # 2.6 MiB per expert
-    from moe_kernels.plan import build_plan_torch
+    r16 = softmax_topk(torch.randn(2, 64, generator=gen), top_k=8)   # 16 slots
+    r24 = softmax_topk(torch.randn(3, 64, generator=gen), top_k=8)   # 24 slots
+    r2 = softmax_topk(torch.randn(1, 8, generator=gen), top_k=2)     # 2 slots
+    r10 = softmax_topk(torch.randn(5, 8, generator=gen), top_k=2)    # 10 slots
+    x = lambda t, h: torch.randn(t, h)  # noqa: E731
+    with torch.no_grad():
+        assert tex.decode_path(x(2, 128), r16, small) == "gather"
+        assert tex.decode_path(x(3, 128), r24, small) is None
+        assert tex.decode_path(x(1, 256), r2, large) == "slot_order"
+        assert tex.decode_path(x(5, 256), r10, large) is None
+    # Training: slot order builds no autograd node, so it is not taken; gather is.
+    assert tex.decode_path(x(1, 256).requires_grad_(), r2, large) is None
+    assert tex.decode_path(x(2, 128).requires_grad_(), r16, small) == "gather"
 
-    decode = build_plan_torch(softmax_topk(torch.randn(2, 64, generator=gen), top_k=8), 1)   # 16 slots
-    prefill = build_plan_torch(softmax_topk(torch.randn(3, 64, generator=gen), top_k=8), 1)  # 24 slots
-    assert tex.uses_gather(x, decode, small)
-    assert not tex.uses_gather(torch.randn(3, 128), prefill, small)
-    assert not tex.uses_gather(torch.randn(2, 256), build_plan_torch(softmax_topk(torch.randn(2, 8), top_k=2), 1), large)
+
+@pytest.mark.parametrize("case", [
+    dict(t=1, e=13, k=4, transposed=True, bias=True, act="swiglu_oai"),  # T = 1, GPT-OSS layout, prime E
+    dict(t=3, e=5, k=2, drop=True),                                       # a dropped slot, an expert used twice
+    dict(t=2, e=7, k=3, norm=True),                                       # post-expert norm (MuseSpark)
+])
+@pytest.mark.parametrize("path", ["gather", "slot_order"])
+def test_decode_paths_match_reference_through_the_backend(case, path, monkeypatch):
+    # fused_experts -> TorchBackend.run: the decode path runs on the routing, no plan.
+    from moe_kernels.activations import PostNorm
+    from moe_kernels.backends.torch.backend import TorchBackend
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("a decode path built a plan")
+    monkeypatch.setattr(TorchBackend, "plan", no_plan)
+
+    gen = torch.Generator().manual_seed(case["t"] + case["e"])
+    h, i, e, t, k = 24, 20, case["e"], case["t"], case["k"]
+    w13, w2, b13, b2 = (None if v is None else v.detach() for v in _weights(
+        e, h, i, torch.float32, case.get("bias", False), case.get("transposed", False), gen))
+    params = expert_params(w13, w2, b13, b2, transposed=case.get("transposed", False),
+                           interleaved=case.get("act") == "swiglu_oai", activation=case.get("act", "swiglu"))
+    if case.get("norm"):
+        params = params.with_post_norm(PostNorm(torch.rand(h, generator=gen) - 0.5))
+    x = torch.randn(t, h, generator=gen)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    if case.get("drop"):
+        ids[1, 0] = e
+        ids[2] = ids[0]
+    r = Routing.from_topk(ids, torch.rand(t, k, generator=gen), e)
+    tex._forced_path = path
+    try:
+        with torch.no_grad():
+            out = fused_experts(x, r, params, backend="torch")
+    finally:
+        tex._forced_path = None
+    assert_close(out, moe_reference(x, r, params), torch.float32)
 
 
 def test_gather_selects_dropped_slots_away():

@@ -11,6 +11,8 @@ A backend answers four questions for the layer and the functional API:
   to ``block_m(params, options, routing.num_slots)`` rows per expert.
 * ``experts(x, plan, params, options)``: the expert computation, differentiable in ``x``,
   the weights and the slot weights.
+* ``run(x, routing, params, options)``: plan then experts; a backend overrides it where
+  some calls need no plan (the torch backend at decode on the CPU).
 
 ``options`` is a :class:`~moe_kernels.options.KernelOptions` (``None``: the process
 defaults); a backend resolves the fields it uses and ignores the rest.
@@ -52,3 +54,9 @@ class Backend:
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def run(self, x: torch.Tensor, routing: Routing, params: ExpertParams,
+            options: KernelOptions | None = None) -> torch.Tensor:
+        """Plan and experts in one call (what :func:`~moe_kernels.fused_experts` runs); a
+        backend that can skip the plan for some calls overrides it."""
+        return self.experts(x, self.plan(routing, params, options), params, options)

@@ -1,6 +1,7 @@
 """The ``torch`` backend: pure PyTorch on any device, the CPU product and the readable
 fast path. Routing is the core's routers (:mod:`moe_kernels.routing`), the plan the
-core's :func:`~moe_kernels.plan.build_plan_torch`, the experts :mod:`.experts`."""
+core's :func:`~moe_kernels.plan.build_plan_torch`, the experts :mod:`.experts`, and at
+decode on the CPU :mod:`.decode` (no plan at all)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 from ...options import KernelOptions
 from ...params import ExpertParams
 from ...plan import DispatchPlan
+from ...routing import Routing
 from ..base import Backend
+from .decode import experts_decode
 from .experts import experts_torch
 
 __all__ = ["TorchBackend"]
@@ -26,6 +29,12 @@ class TorchBackend(Backend):
         # No kernel reads padded blocks here: with one-row blocks the padded order is
         # the sorted order, which the plan builds with no extra work.
         return 1
+
+    def run(self, x: torch.Tensor, routing: Routing, params: ExpertParams,
+            options: KernelOptions | None = None) -> torch.Tensor:
+        # Decode on the CPU: the slots in slot order need no plan (see .decode).
+        out = experts_decode(x, routing, params)
+        return out if out is not None else super().run(x, routing, params, options)
 
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,
                 options: KernelOptions | None = None) -> torch.Tensor:

@@ -42,69 +42,9 @@ from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...primitives import active_segments, combine_slots, grouped_linear, grouped_method, zero_link
+from .decode import experts_decode
 
-__all__ = ["experts_torch", "uses_gather"]
-
-# Tests pin "gather" or "segments" here to cover both paths on every case.
-_forced_path: str | None = None
-
-
-# Decode on the CPU: with few slots and small experts, one batched matmul per weight over
-# the slots' gathered expert weights beats a loop of per-expert matmuls, whose ~6 torch
-# calls per segment (slices, views, the matmul, the bias) cost more than copying a small
-# expert's weights once. Measured on the default bench shapes (docs/PERFORMANCE.md): up
-# to 16 slots and 128 KiB of weights per expert (w13 + w2) gathering wins.
-GATHER_MAX_SLOTS = 16
-GATHER_MAX_EXPERT_BYTES = 128 << 10
-
-
-def uses_gather(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> bool:
-    """Whether :func:`experts_torch` takes the gathered-weights path (static shapes only)."""
-    if x.device.type != "cpu" or plan.num_slots > GATHER_MAX_SLOTS:
-        return False
-    w13, w2 = params.w13, params.w2
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size() if params.num_experts else 0
-    return expert_bytes <= GATHER_MAX_EXPERT_BYTES
-
-
-def _stored(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``w`` [E, N, K] in the layout its storage has: itself, or ``[E, K, N]`` (and True)
-    when stored transposed, so a gather copies contiguous rows."""
-    if w.stride(-1) != 1 and w.stride(-2) == 1:
-        return w.transpose(-2, -1), True
-    return w, False
-
-
-def _gathered_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-    """``rows[s] @ w[ids[s]]^T + b[ids[s]]`` for every slot: [S, K] -> [S, N]."""
-    ws, transposed = _stored(w)
-    g = ws.index_select(0, ids)
-    out = torch.bmm(rows.unsqueeze(1), g if transposed else g.transpose(1, 2)).squeeze(1)
-    return out if b is None else out + b.index_select(0, ids)
-
-
-def _experts_gathered(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams, acc: torch.dtype) -> torch.Tensor:
-    """Decode path: each slot's expert weights gathered (``index_select``), two ``bmm``;
-    no sort, no host read. A dropped slot (expert ``E``) computes a zero row with expert
-    ``E - 1`` and is selected away (selects, not multiplies: inf in ``x`` or in that
-    expert never becomes NaN, and every gradient of a dropped slot is exactly zero)."""
-    t, h = x.shape
-    e = params.num_experts
-    valid = plan.slot_expert < e
-    ids = plan.slot_expert.clamp(max=e - 1)
-    # Dropped slots' rows selected away too: inf in x never meets a weight (0 * inf).
-    rows = torch.where(valid.unsqueeze(1), x.index_select(0, plan.slot_token), 0.0)
-    hidden = apply_activation(_gathered_linear(rows, params.w13, params.b13, ids), params.activation,
-                              params.interleaved)
-    y = apply_post_norm(_gathered_linear(hidden, params.w2, params.b2, ids), params.post_norm)
-    # Select before weighting: a dropped slot's weight then gets an exact zero gradient.
-    y_slot = torch.where(valid.unsqueeze(1), y.to(acc), 0.0) * plan.slot_weight.to(acc).unsqueeze(1)
-    k = plan.top_k
-    if k is not None and plan.max_slots_per_token == k:
-        return y_slot.view(t, k, h).sum(dim=1).to(x.dtype)
-    return combine_slots(y_slot, plan.token_slots).to(x.dtype)
-
-
+__all__ = ["experts_torch"]
 def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
     """``out[t] = sum over slots s of t of  w[s] * Expert_{e[s]}(x[t])`` with torch ops."""
     t, h = x.shape
@@ -113,8 +53,9 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
         out = x.new_zeros(t, h)
         link = zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
         return out if link is None else out + link
-    if _forced_path == "gather" or (_forced_path is None and uses_gather(x, plan, params)):
-        return _experts_gathered(x, plan, params, acc)
+    out = experts_decode(x, plan, params, plan.token_slots)
+    if out is not None:
+        return out
     src = plan.slot_token.index_select(0, plan.sorted_slot)
     # Backward of this gather sums the rows of a token's slots. index_select's backward
     # (index_add) does it with atomics on CUDA; advanced indexing's (index_put with
