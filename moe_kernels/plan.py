@@ -261,10 +261,11 @@ def _token_slots(routing: Routing, valid: torch.Tensor) -> torch.Tensor:
     return token_slots
 
 
-# Up to this many token-major slots (decode: T*k) the CPU plan is computed on the host in
-# plain Python and made into tensors with one copy: a dozen small ATen ops cost more
-# than the arithmetic, especially with cold caches between layers (70-150 us measured).
-HOST_PLAN_MAX_SLOTS = 64
+# Up to this many token-major slots the CPU plan is computed on the host in plain Python
+# and made into tensors with one copy: a dozen small ATen ops cost more than the
+# arithmetic at a handful of slots. Past 16 the Python work itself costs more, with the
+# caches cold between layers (32 and 64 slots: 4-10% of the layer, measured side by side).
+HOST_PLAN_MAX_SLOTS = 16
 _I32_CODE = "i" if array("i").itemsize == 4 else "l"  # the array typecode of a 4-byte int
 
 

@@ -108,23 +108,29 @@ def active_segments(offs: list[int]) -> list[tuple[int, int, int]]:
     return [(ex, offs[ex], offs[ex + 1]) for ex in range(len(offs) - 1) if offs[ex + 1] > offs[ex]]
 
 
-def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str, segs=None) -> torch.Tensor:
+def _bias_rows(b, offs_t, v: int, row_expert):
+    """``b[e]`` for each of the ``v`` valid sorted rows: ``row_expert`` when the caller has
+    it (one gather), else expanded from the offsets."""
+    if row_expert is not None:
+        return b.index_select(0, row_expert[:v])
+    counts = offs_t[1:] - offs_t[:-1]
+    pos = torch.repeat_interleave(torch.arange(b.shape[0], device=b.device), counts, output_size=v)
+    return b.index_select(0, pos)
+
+
+def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str, segs=None, row_expert=None) -> torch.Tensor:
     """``out[r] = a[r] @ w[e]^T + b[e]`` for row ``r`` of segment ``e``; rows ``>= V`` zero."""
     s, n, v = a.shape[0], w.shape[1], offs[-1]
     if method == "grouped_mm":
         out = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs_t[1:])
         if b is not None and v:
-            counts = offs_t[1:] - offs_t[:-1]
-            pos = torch.repeat_interleave(torch.arange(w.shape[0], device=a.device), counts, output_size=v)
-            out[:v] += b.index_select(0, pos)
+            out[:v] += _bias_rows(b, offs_t, v, row_expert)
     elif method == "grouped_mm_fm":
         # Feature-major: [N, S] = w[e] @ a^T per segment, in one C++ loop (the weight
         # as the 3-D operand); returned as its [S, N] transposed view.
         out_t = torch._grouped_mm(w, a.t(), offs=offs_t[1:])
         if b is not None and v:
-            counts = offs_t[1:] - offs_t[:-1]
-            pos = torch.repeat_interleave(torch.arange(w.shape[0], device=a.device), counts, output_size=v)
-            out_t[:, :v] += b.index_select(0, pos).t()
+            out_t[:, :v] += _bias_rows(b, offs_t, v, row_expert).t()
         if v < s:
             out_t[:, v:] = 0
         return out_t.t()
@@ -192,17 +198,17 @@ def _bwd_impl(g, a, w, has_bias: bool, offs_t, offs: list[int], method: str, nee
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, w, b, offs_t, offs, method, segs):
+    def forward(ctx, a, w, b, offs_t, offs, method, segs, row_expert):
         ctx.save_for_backward(a, w, offs_t)
         ctx.offs, ctx.method, ctx.has_bias, ctx.segs = offs, method, b is not None, segs
-        return _fwd_impl(a, w, b, offs_t, offs, method, segs)
+        return _fwd_impl(a, w, b, offs_t, offs, method, segs, row_expert)
 
     @staticmethod
     def backward(ctx, g):
         a, w, offs_t = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
         ga, gw, gb = _bwd_impl(g.contiguous(), a, w, ctx.has_bias, offs_t, ctx.offs, ctx.method, need_w, ctx.segs)
-        return ga, gw, gb, None, None, None, None
+        return ga, gw, gb, None, None, None, None, None
 
 
 # Under torch.compile the same two functions run as opaque custom ops: the loop's host
@@ -249,14 +255,17 @@ _grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan, *,
                    method: str | None = None, offsets: list[int] | None = None,
-                   segments: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+                   segments: list[tuple[int, int, int]] | None = None,
+                   row_expert: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of ``a`` [S, K] in expert order times ``w[e]^T`` ([E, N, K]) plus ``b[e]``;
     rows past the valid ones (dropped slots) come out zero. Returns [S, N].
 
     ``method`` (default :func:`grouped_method`): ``"loop"``, one matmul per *active*
     expert (reads the offsets on the host once: pass them as ``offsets`` to share one
     read between calls; ``segments``, :func:`active_segments` of them, shares the pass
-    over the experts too), or ``"grouped_mm"``, ``torch._grouped_mm`` over every expert.
+    over the experts too), or ``"grouped_mm"`` / ``"grouped_mm_fm"``, ``torch._grouped_mm``
+    over every expert (``row_expert``, the expert of each sorted row, shares the bias
+    rows' index between calls).
     Backward is explicit (one matmul per expert and operand): deterministic, and no
     whole-weight temporaries per expert."""
     method = method or grouped_method(a, w, plan.num_slots, plan.num_experts)
@@ -269,8 +278,8 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pla
         return _grouped_linear_op(a, w, b, offs_t, method)
     offs = offsets if offsets is not None else offs_t.tolist()
     if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return _GroupedLinear.apply(a, w, b, offs_t, offs, method, segments)
-    return _fwd_impl(a, w, b, offs_t, offs, method, segments)  # inference: no autograd node to build
+        return _GroupedLinear.apply(a, w, b, offs_t, offs, method, segments, row_expert)
+    return _fwd_impl(a, w, b, offs_t, offs, method, segments, row_expert)  # inference: no autograd node to build
 
 
 def _grouped_device(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: DispatchPlan) -> torch.Tensor:

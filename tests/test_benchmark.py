@@ -498,3 +498,20 @@ def test_forms_table_runs_and_times_every_form(capsys):
     assert main(["--shapes", "gpt-oss-20b", "--size", "tiny", "--rows", "1,3", "--reps", "3"]) == 0
     out = capsys.readouterr().out
     assert "| gpt-oss-20b w13 |" in out and "transposed" in out and out.count("\n| ") >= 6
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7])
+def test_balanced_order_is_a_williams_design(n):
+    # Over one cycle every provider runs once per position and right after every other
+    # provider equally often (odd n: a cycle of 2n rounds).
+    from collections import Counter
+
+    from moe_kernels.bench.run import balanced_order
+
+    rows = [balanced_order(n, r) for r in range(n if n % 2 == 0 else 2 * n)]
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    for pos in range(n):
+        assert len(Counter(row[pos] for row in rows).values()) == n
+    follows = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
+    assert balanced_order(n, len(rows)) == rows[0]

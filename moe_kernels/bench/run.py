@@ -169,13 +169,36 @@ def _timed_row(row: dict, timing: Timing, roof: Roofline) -> dict:
     return row
 
 
+def balanced_order(n: int, r: int) -> list[int]:
+    """Round ``r``'s order of ``n`` providers: row ``r`` of a balanced Latin square
+    (Williams design; ``2n`` rows for odd ``n``): over a full cycle every provider runs in
+    every position and right after every other provider equally often. What a call
+    leaves in the caches (or evicts) changes the next call's time, so a fixed or merely
+    rotated order would favour whoever follows the lightest provider."""
+    if n <= 1:
+        return list(range(n))
+    first = [0]
+    lo, hi = 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = n if n % 2 == 0 else 2 * n
+    k = r % rows
+    row = [(v + k) % n for v in first]
+    return row if k < n else row[::-1]
+
+
 def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budget_s: float) -> dict:
     """CPU timing of several providers of one cell, round-robin: each round takes one
     sample of every provider in turn, so a burst of load from other processes lands on
     all of them alike instead of on whichever cell was running (a shared machine's noise
-    then cancels in the ratios), and the order rotates each round so that no provider
-    always runs first. Every sample takes the next rotation set of one sequence shared
-    by all providers, so no provider reads weights another one just left in the caches
+    then cancels in the ratios), and the order changes each round so that no provider
+    always runs first or after the same one (:func:`balanced_order`). Every sample takes
+    the next rotation set of one sequence shared by all providers, so no provider reads
+    weights another one just left in the caches
     (each sample pays for its weights cold, as a layer of a real model does: the rest of
     the model evicts them between calls). Returns name -> :class:`Timing` or the
     exception it raised."""
@@ -196,8 +219,7 @@ def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budg
     need = min(3, repeats) if 3 * sum(warm.values()) <= budget else 1
     t_start = time.perf_counter()
     for r in range(repeats):
-        # Rotate who goes first, so that no provider always runs after the same one.
-        turn = live[r % len(live):] + live[:r % len(live)] if live else []
+        turn = [live[j] for j in balanced_order(len(live), r)]
         for name in [n for n in turn if n not in out]:
             fn = calls[name][step % len(calls[name])]
             step += 1

@@ -69,14 +69,18 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
         # The loop's pass over the E experts for the non-empty ones, also done once.
         m13 = grouped_method(rows, params.w13, plan.num_slots, plan.num_experts)
         segs = active_segments(offsets) if m13 == "loop" else None
-    h13 = grouped_linear(rows, params.w13, params.b13, plan, method=m13, offsets=offsets, segments=segs)
+    # The expert of each sorted row, for the biases of the grouped methods (one gather, shared).
+    row_expert = (plan.slot_expert.index_select(0, plan.sorted_slot)
+                  if offsets is not None and segs is None and (params.b13 is not None or params.b2 is not None) else None)
+    h13 = grouped_linear(rows, params.w13, params.b13, plan, method=m13, offsets=offsets, segments=segs,
+                         row_expert=row_expert)
     hidden = apply_activation(h13, params.activation, params.interleaved)
     if offsets is not None:
         m2 = grouped_method(hidden, params.w2, plan.num_slots, plan.num_experts)
         if m2 == "loop" and segs is None:
             segs = active_segments(offsets)
     y = apply_post_norm(grouped_linear(hidden, params.w2, params.b2, plan, method=m2, offsets=offsets,
-                                       segments=segs), params.post_norm)
+                                       segments=segs, row_expert=row_expert), params.post_norm)
     y_slot = y.index_select(0, plan.slot_position).to(acc) * plan.slot_weight.to(acc).unsqueeze(1)
     k = plan.top_k
     if k is not None and plan.max_slots_per_token == k:
