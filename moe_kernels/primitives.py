@@ -17,7 +17,7 @@ from .plan import DispatchPlan
 from .routing import Routing, topk_load_balancing_loss
 from .segment_matmul import FM_MAX_ROWS, segment_form, segment_linear
 
-__all__ = ["combine_slots", "zero_link", "grouped_linear", "grouped_method", "active_segments", "TopkArgs", "fused_topk_args", "routing_from_topk"]
+__all__ = ["combine_slots", "zero_link", "grouped_linear", "grouped_method", "grouped_mm_rows", "active_segments", "TopkArgs", "fused_topk_args", "routing_from_topk"]
 
 
 def combine_slots(y: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -118,30 +118,42 @@ def _bias_rows(b, offs_t, v: int, row_expert):
     return b.index_select(0, pos)
 
 
-def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str, segs=None, row_expert=None) -> torch.Tensor:
-    """``out[r] = a[r] @ w[e]^T + b[e]`` for row ``r`` of segment ``e``; rows ``>= V`` zero."""
-    s, n, v = a.shape[0], w.shape[1], offs[-1]
-    if method == "grouped_mm":
-        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs_t[1:])
-        if b is not None and v:
-            out[:v] += _bias_rows(b, offs_t, v, row_expert)
-    elif method == "grouped_mm_fm":
-        # Feature-major: [N, S] = w[e] @ a^T per segment, in one C++ loop (the weight
-        # as the 3-D operand); returned as its [S, N] transposed view.
+def grouped_mm_rows(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offs_t: torch.Tensor, v: int,
+                    method: str, row_expert: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch._grouped_mm`` of sorted rows ``a`` [S, K] with ``w`` [E, N, K] over the
+    expert segments ``offs_t`` [E+1] (``v = offs_t[E]`` valid rows, read by the caller),
+    plus ``b[e]``; rows ``>= v`` zero. ``method`` ``"grouped_mm"`` (token-major) or
+    ``"grouped_mm_fm"`` (feature-major: ``[N, S] = w[e] @ a^T`` per segment, the weight
+    as the 3-D operand, returned as its ``[S, N]`` transposed view)."""
+    s = a.shape[0]
+    if method == "grouped_mm_fm":
         out_t = torch._grouped_mm(w, a.t(), offs=offs_t[1:])
         if b is not None and v:
-            out_t[:, :v] += _bias_rows(b, offs_t, v, row_expert).t()
+            (out_t if v == s else out_t[:, :v]).add_(_bias_rows(b, offs_t, v, row_expert).t())
         if v < s:
             out_t[:, v:] = 0
         return out_t.t()
-    else:
-        out = a.new_empty(s, n)
-        segs = segs if segs is not None else active_segments(offs)
-        forms = [segment_form(hi - lo, w[ex]) for ex, lo, hi in segs]
-        fm_rows = max((hi - lo for (_, lo, hi), f in zip(segs, forms) if f == "fm"), default=0)
-        scratch = a.new_empty(n, fm_rows) if fm_rows else None
-        for (ex, lo, hi), form in zip(segs, forms):
-            segment_linear(out, a, w[ex], None if b is None else b[ex], lo, hi, form, scratch)
+    out = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs_t[1:])
+    if b is not None and v:
+        # add_ on the view: `out[:v] += ...` would also copy the sum onto itself.
+        (out if v == s else out[:v]).add_(_bias_rows(b, offs_t, v, row_expert))
+    if v < s:
+        out[v:] = 0  # rows of dropped slots: left unwritten
+    return out
+
+
+def _fwd_impl(a, w, b, offs_t, offs: list[int], method: str, segs=None, row_expert=None) -> torch.Tensor:
+    """``out[r] = a[r] @ w[e]^T + b[e]`` for row ``r`` of segment ``e``; rows ``>= V`` zero."""
+    s, n, v = a.shape[0], w.shape[1], offs[-1]
+    if method.startswith("grouped_mm"):
+        return grouped_mm_rows(a, w, b, offs_t, v, method, row_expert)
+    out = a.new_empty(s, n)
+    segs = segs if segs is not None else active_segments(offs)
+    forms = [segment_form(hi - lo, w[ex]) for ex, lo, hi in segs]
+    fm_rows = max((hi - lo for (_, lo, hi), f in zip(segs, forms) if f == "fm"), default=0)
+    scratch = a.new_empty(n, fm_rows) if fm_rows else None
+    for (ex, lo, hi), form in zip(segs, forms):
+        segment_linear(out, a, w[ex], None if b is None else b[ex], lo, hi, form, scratch)
     if v < s:
         out[v:] = 0  # rows of dropped slots: unwritten by either method
     return out

@@ -5,7 +5,7 @@ and gradients), the form table, bitwise repeatability at two threads, and the fa
 import pytest
 import torch
 
-import moe_kernels.backends.torch.decode as tex
+import moe_kernels.backends.torch.planless as tex
 import moe_kernels.primitives as prim
 import moe_kernels.segment_matmul as sm
 from moe_kernels import expert_params, fused_experts, moe_reference
@@ -126,30 +126,43 @@ def test_form_bitwise_repeatable_two_threads(form):
 
 
 def test_decode_path_is_chosen_from_shapes():
-    gen = torch.Generator().manual_seed(1)
-    small = expert_params(*_weights(64, 128, 64, torch.float32, False, False, gen))      # 96 KiB per expert
-    large = expert_params(*_weights(8, 256, 896, torch.float32, False, False, gen))      # 2.6 MiB per expert
-    r16 = softmax_topk(torch.randn(2, 64, generator=gen), top_k=8)   # 16 slots
-    r24 = softmax_topk(torch.randn(3, 64, generator=gen), top_k=8)   # 24 slots
-    r2 = softmax_topk(torch.randn(1, 8, generator=gen), top_k=2)     # 2 slots
-    r10 = softmax_topk(torch.randn(5, 8, generator=gen), top_k=2)    # 10 slots
-    x = lambda t, h: torch.randn(t, h)  # noqa: E731
+    # Shapes only: torch.empty weights (decode_path reads no value).
+    def params(e, h, i):
+        return expert_params(torch.empty(e, 2 * i, h), torch.empty(e, h, i))
+
+    small = params(64, 128, 64)       # 96 KiB per expert (w13 + w2)
+    large = params(8, 1024, 1024)     # 12 MiB per expert: two slots are over GATHER_MAX_BYTES
+
+    def r(t, e, k):
+        return softmax_topk(torch.randn(t, e), top_k=k)
+
+    def x(t, h):
+        return torch.randn(t, h)
+
     with torch.no_grad():
-        assert tex.decode_path(x(2, 128), r16, small) == "gather"
-        assert tex.decode_path(x(3, 128), r24, small) is None
-        assert tex.decode_path(x(1, 256), r2, large) == "slot_order"
-        assert tex.decode_path(x(5, 256), r10, large) is None
-    # Training: slot order builds no autograd node, so it is not taken; gather is.
-    assert tex.decode_path(x(1, 256).requires_grad_(), r2, large) is None
-    assert tex.decode_path(x(2, 128).requires_grad_(), r16, small) == "gather"
+        assert tex.decode_path(x(2, 128), r(2, 64, 8), small) == "gather"      # 16 slots, 1.5 MiB
+        assert tex.decode_path(x(8, 128), r(8, 64, 8), small) == "gather"      # S = E = 64
+        assert tex.decode_path(x(9, 128), r(9, 64, 8), small) == "grouped"     # S = 72 > E: duplicates
+        assert tex.decode_path(x(3, 128), r(3, 16, 8), params(16, 128, 64)) is None  # 16 experts: the loop
+        assert tex.decode_path(x(1, 128), r(1, 64, 8), small) == "gather"      # 8 slots, 0.75 MiB: a small copy
+        assert tex.decode_path(x(1, 1024), r(1, 8, 1), large) == "slot_order"  # 12 MiB: no copy at decode
+        assert tex.decode_path(x(4, 1024), r(4, 8, 2), large) == "slot_order"  # 8 slots
+        assert tex.decode_path(x(5, 1024), r(5, 8, 2), large) is None          # 10 slots, 120 MiB
+    assert tex.decode_path(x(9, 128), r(9, 64, 8), params(64, 128, 62)) is None  # I = 62: w2 rows unaligned
+    # Training: slot order and grouped build no autograd node, so they are not taken; gather is, in size.
+    assert tex.decode_path(x(9, 128).requires_grad_(), r(9, 64, 8), small) is None
+    assert tex.decode_path(x(1, 1024).requires_grad_(), r(1, 8, 1), large) == "gather"
+    assert tex.decode_path(x(1, 1024).requires_grad_(), r(1, 8, 2), large) is None
+    assert tex.decode_path(x(2, 128).requires_grad_(), r(2, 64, 8), small) == "gather"
 
 
 @pytest.mark.parametrize("case", [
     dict(t=1, e=13, k=4, transposed=True, bias=True, act="swiglu_oai"),  # T = 1, GPT-OSS layout, prime E
     dict(t=3, e=5, k=2, drop=True),                                       # a dropped slot, an expert used twice
     dict(t=2, e=7, k=3, norm=True),                                       # post-expert norm (MuseSpark)
+    dict(t=16, e=40, k=2, drop=True, bias=True),  # 40 experts: the feature-major grouped matmul, biases, a drop
 ])
-@pytest.mark.parametrize("path", ["gather", "slot_order"])
+@pytest.mark.parametrize("path", ["gather", "slot_order", "grouped"])
 def test_decode_paths_match_reference_through_the_backend(case, path, monkeypatch):
     # fused_experts -> TorchBackend.run: the decode path runs on the routing, no plan.
     from moe_kernels.activations import PostNorm
@@ -220,3 +233,30 @@ def test_gather_path_training(dtype):
             _check(params, x, r, [x, w13, w2, b13, b2, r.slot_weight], dtype)
     finally:
         tex._forced_path = None
+
+
+def test_gather_path_bitwise_repeatable_two_threads():
+    # The gathered weights' gradient is index_select's backward (index_add on the CPU):
+    # with experts shared between tokens it must still give the same bits every rerun.
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    tex._forced_path = "gather"
+    try:
+        gen = torch.Generator().manual_seed(12)
+        e, h, i, t, k = 6, 48, 40, 5, 4   # 20 slots on 6 experts: every expert repeated
+        w13, w2, b13, b2 = _weights(e, h, i, torch.float32, True, False, gen)
+        params = expert_params(w13, w2, b13, b2)
+        x = torch.randn(t, h, generator=gen, requires_grad=True)
+        r = _routing(t, e, gen, k=k)
+        dout = torch.randn(t, h, generator=gen)
+        leaves = [x, w13, w2, b13, b2, r.slot_weight]
+
+        def run():
+            out = fused_experts(x, r, params, backend="torch")
+            return [out, *torch.autograd.grad(out, leaves, dout)]
+        first = run()
+        for _ in range(6):
+            assert all(torch.equal(a, b) for a, b in zip(first, run()))
+    finally:
+        tex._forced_path = None
+        torch.set_num_threads(old)

@@ -20,7 +20,7 @@ METHODS = ["loop", "grouped_mm", "grouped_mm_fm", "gather"]
 
 @pytest.fixture
 def method(request):
-    import moe_kernels.backends.torch.decode as tex
+    import moe_kernels.backends.torch.planless as tex
 
     tex._forced_path = "gather" if request.param == "gather" else "segments"
     prim._forced_method = None if request.param == "gather" else request.param

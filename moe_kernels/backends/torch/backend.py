@@ -12,7 +12,7 @@ from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...routing import Routing
 from ..base import Backend
-from .decode import experts_decode
+from .planless import experts_decode
 from .experts import experts_torch
 
 __all__ = ["TorchBackend"]

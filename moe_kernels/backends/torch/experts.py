@@ -16,10 +16,8 @@ list of non-empty segments); value checks belong to the API boundary (and to
 ``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
 opaque custom ops, so every method traces.
 
-Decode on the CPU with small experts (:func:`uses_gather`: at most 16 slots, 128 KiB of
-weights per expert) skips the sort: each slot's expert weights are gathered and two
-``bmm`` run over the slots (no host read at all; backward through autograd, the
-weights' gradient an ``index_add`` in a fixed order on the CPU).
+Decode-sized calls on the CPU skip the plan altogether (:mod:`.decode`, from
+``TorchBackend.run``); given a plan, :func:`experts_torch` takes the same paths.
 
 Backward: autograd through the gathers, the activation and the combine; the grouped
 matmuls have an explicit backward (one matmul per expert and operand, fixed order). It
@@ -42,7 +40,7 @@ from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...primitives import active_segments, combine_slots, grouped_linear, grouped_method, zero_link
-from .decode import experts_decode
+from .planless import experts_decode
 
 __all__ = ["experts_torch"]
 def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
