@@ -515,3 +515,11 @@ def test_balanced_order_is_a_williams_design(n):
     follows = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
     assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
     assert balanced_order(n, len(rows)) == rows[0]
+
+
+def test_side_by_side_runs_whole_cycles_of_the_order():
+    # 3 providers: a balanced cycle is 6 rounds, so repeats=4 becomes 6 samples each.
+    from moe_kernels.bench.run import time_side_by_side
+
+    out = time_side_by_side({p: [lambda: None] for p in "abc"}, warmup=1, repeats=4, budget_s=10.0)
+    assert [out[p].samples for p in "abc"] == [6, 6, 6]

@@ -218,7 +218,10 @@ def time_side_by_side(calls: dict[str, list], *, warmup: int, repeats: int, budg
     budget = budget_s * max(len(live), 1)
     need = min(3, repeats) if 3 * sum(warm.values()) <= budget else 1
     t_start = time.perf_counter()
-    for r in range(repeats):
+    # Whole cycles of the balanced order: a partial one would favour its first rows.
+    cycle = len(live) if len(live) % 2 == 0 else 2 * len(live)
+    rounds = -(-repeats // max(cycle, 1)) * max(cycle, 1)
+    for r in range(rounds):
         turn = [live[j] for j in balanced_order(len(live), r)]
         for name in [n for n in turn if n not in out]:
             fn = calls[name][step % len(calls[name])]
