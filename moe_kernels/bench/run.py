@@ -65,7 +65,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'default', 'all' or a comma list, e.g. torch,torch:layer,torch:routing,reference,"
                              "hf_eager,hf_grouped_mm,grouped_mm,triton,cuda")
     parser.add_argument("--out", default="bench_out", help="output folder for results.csv/.md and roofline.png")
-    parser.add_argument("--repeats", type=int, default=None, help="timed samples per cell (default: 20 GPU, 7 CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples per cell (default: 20 GPU, 16 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 GPU, 2 CPU)")
     parser.add_argument("--cell-budget", type=float, default=None,
                         help="seconds of sampling per cell, and cells estimated at over a quarter of it per "
@@ -104,7 +104,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     if not modes or any(m not in ("fwd", "fwdbwd") for m in modes):
         raise ValueError(f"mode: expected 'fwd', 'fwdbwd' or 'fwd,fwdbwd', got {args.mode!r}")
-    repeats = args.repeats if args.repeats is not None else (20 if gpu else 7)
+    repeats = args.repeats if args.repeats is not None else (20 if gpu else 16)
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
     return {
