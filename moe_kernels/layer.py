@@ -36,7 +36,7 @@ class StepState:
     state. A forward clears it first, so after a forward that raised nothing of the
     previous step reads as current."""
 
-    __slots__ = ("losses", "aux_loss", "expert_load")
+    __slots__ = ("losses", "aux_loss", "_load", "_load_routing")
 
     def __init__(self) -> None:
         self.clear()
@@ -44,7 +44,25 @@ class StepState:
     def clear(self) -> None:
         self.losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor | None = None
-        self.expert_load: torch.Tensor | None = None
+        self._load: torch.Tensor | None = None
+        self._load_routing = None
+
+    @property
+    def expert_load(self) -> torch.Tensor | None:
+        """The step's load, counted from its routing on first read (a scatter-add on the
+        routing's device, no host sync): a forward that nobody asks pays nothing."""
+        if self._load is None and self._load_routing is not None:
+            self._load = self._load_routing.expert_load().detach()
+            self._load_routing = None
+        return self._load
+
+    @expert_load.setter
+    def expert_load(self, value: torch.Tensor | None) -> None:
+        self._load, self._load_routing = value, None
+
+    def load_from(self, routing) -> None:
+        """Count the load from ``routing`` when it is first read."""
+        self._load, self._load_routing = None, routing
 
     def __deepcopy__(self, memo) -> "StepState":
         return StepState()
@@ -359,13 +377,11 @@ class MoE(StepOutputs, nn.Module):
         routing = self.route(x2d, backend)
         if x2d.shape[0] == 0:
             out = empty_output(x2d, params, routing)  # empty, but connected for autograd
-            load = torch.zeros(c.num_experts, dtype=torch.int32, device=x2d.device)
+            step.expert_load = torch.zeros(c.num_experts, dtype=torch.int32, device=x2d.device)
         else:
-            opts = c.kernel_options()
-            plan = backend.plan(routing, params, opts)
-            out = backend.experts(x2d, plan, params, opts)
-            load = plan.expert_counts
+            # run: plan and experts, or a backend's path that needs no plan (torch on the CPU).
+            out = backend.run(x2d, routing, params, c.kernel_options())
+            step.load_from(routing)
         step.losses = routing.losses
         step.aux_loss = weighted_aux_loss(routing.losses, c.aux_loss_coef, c.z_loss_coef, x2d)
-        step.expert_load = load.detach()
         return out.reshape(x.shape)

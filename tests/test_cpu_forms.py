@@ -260,3 +260,28 @@ def test_gather_path_bitwise_repeatable_two_threads():
     finally:
         tex._forced_path = None
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("t", [1, 40])  # decode (slot order / gather) and the grouped regime (64 experts)
+def test_layer_runs_planless_and_still_reports_the_load(t, monkeypatch):
+    # MoE.forward goes through backend.run: at inference on the CPU no plan is built, and
+    # last_expert_load is counted from the routing when read (same counts as a plan's).
+    from moe_kernels import MoE
+    from moe_kernels.backends.torch.backend import TorchBackend
+    from moe_kernels.plan import build_plan_torch
+
+    torch.manual_seed(t)
+    layer = MoE(hidden_size=32, intermediate_size=16, num_experts=64, top_k=4, backend="torch")
+    x = torch.randn(t, 32)
+    with torch.no_grad():
+        want = layer(x)
+        r = layer.route(x, TorchBackend())
+
+        def no_plan(*args, **kwargs):
+            raise AssertionError("the layer built a plan on a planless path")
+        monkeypatch.setattr(TorchBackend, "plan", no_plan)
+        got = layer(x)
+    assert torch.equal(got, want)
+    load = layer.last_expert_load
+    assert load.dtype == torch.int32 and not load.requires_grad
+    assert torch.equal(load, build_plan_torch(r, 1).expert_counts)
