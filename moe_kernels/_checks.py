@@ -29,7 +29,7 @@ def _compiling() -> bool:
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
     """Whether data-dependent checks should run for a tensor on this device."""
-    if _compiling():
+    if _compiling() or t.device.type == "meta":  # meta tensors hold no values to check
         return False
     if t.device.type == "cpu":
         return True

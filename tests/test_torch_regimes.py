@@ -128,9 +128,11 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("t,e,k", [(1, 32, 4), (16, 64, 8), (128, 8, 2)])  # loop, grouped_mm, loop
-def test_one_host_read_per_call(t, e, k):
+def test_one_host_read_per_call(t, e, k, monkeypatch):
     # The hot path reads the expert offsets once (shared by both matmuls); value checks
-    # live at the API boundary. Before: 73 reads per call at T=1, E=32.
+    # live at the API boundary (and in debug mode, which this test turns off). Before: 73
+    # reads per call at T=1, E=32.
+    monkeypatch.delenv("MOE_KERNELS_DEBUG", raising=False)
     gen = torch.Generator().manual_seed(0)
     h, i = 32, 16
     params = expert_params(*weights(e, h, i, torch.float32, True, True, gen), transposed=True, interleaved=True,
@@ -204,6 +206,7 @@ def test_trusted_plan_matches_checked_constructor(monkeypatch):
     # must hold exactly what from_fields would, and debug mode must still check it.
     from moe_kernels.plan import PLAN_INDEX_FIELDS, DispatchPlan, _build_plan_rows_host
 
+    monkeypatch.delenv("MOE_KERNELS_DEBUG", raising=False)  # the suite may run in debug mode
     gen = torch.Generator().manual_seed(3)
     e, t, k = 13, 3, 2  # prime E, an expert with no tokens
     ids = torch.randint(0, e, (t, k), generator=gen)
