@@ -125,8 +125,8 @@ def test_form_bitwise_repeatable_two_threads(form):
         torch.set_num_threads(old)
 
 
-def test_decode_path_is_chosen_from_shapes():
-    # Shapes only: torch.empty weights (decode_path reads no value).
+def test_planless_path_is_chosen_from_shapes():
+    # Shapes only: torch.empty weights (planless_path reads no value).
     def params(e, h, i):
         return expert_params(torch.empty(e, 2 * i, h), torch.empty(e, h, i))
 
@@ -140,20 +140,20 @@ def test_decode_path_is_chosen_from_shapes():
         return torch.randn(t, h)
 
     with torch.no_grad():
-        assert tex.decode_path(x(2, 128), r(2, 64, 8), small) == "gather"      # 16 slots, 1.5 MiB
-        assert tex.decode_path(x(8, 128), r(8, 64, 8), small) == "gather"      # S = E = 64
-        assert tex.decode_path(x(9, 128), r(9, 64, 8), small) == "grouped"     # S = 72 > E: duplicates
-        assert tex.decode_path(x(3, 128), r(3, 16, 8), params(16, 128, 64)) is None  # 16 experts: the loop
-        assert tex.decode_path(x(1, 128), r(1, 64, 8), small) == "gather"      # 8 slots, 0.75 MiB: a small copy
-        assert tex.decode_path(x(1, 1024), r(1, 8, 1), large) == "slot_order"  # 12 MiB: no copy at decode
-        assert tex.decode_path(x(4, 1024), r(4, 8, 2), large) == "slot_order"  # 8 slots
-        assert tex.decode_path(x(5, 1024), r(5, 8, 2), large) is None          # 10 slots, 120 MiB
-    assert tex.decode_path(x(9, 128), r(9, 64, 8), params(64, 128, 62)) is None  # I = 62: w2 rows unaligned
+        assert tex.planless_path(x(2, 128), r(2, 64, 8), small) == "gather"      # 16 slots, 1.5 MiB
+        assert tex.planless_path(x(8, 128), r(8, 64, 8), small) == "gather"      # S = E = 64
+        assert tex.planless_path(x(9, 128), r(9, 64, 8), small) == "grouped"     # S = 72 > E: duplicates
+        assert tex.planless_path(x(3, 128), r(3, 16, 8), params(16, 128, 64)) is None  # 16 experts: the loop
+        assert tex.planless_path(x(1, 128), r(1, 64, 8), small) == "gather"      # 8 slots, 0.75 MiB: a small copy
+        assert tex.planless_path(x(1, 1024), r(1, 8, 1), large) == "slot_order"  # 12 MiB: no copy at decode
+        assert tex.planless_path(x(4, 1024), r(4, 8, 2), large) == "slot_order"  # 8 slots
+        assert tex.planless_path(x(5, 1024), r(5, 8, 2), large) is None          # 10 slots, 120 MiB
+    assert tex.planless_path(x(9, 128), r(9, 64, 8), params(64, 128, 62)) is None  # I = 62: w2 rows unaligned
     # Training: slot order and grouped build no autograd node, so they are not taken; gather is, up to 2 MiB.
-    assert tex.decode_path(x(9, 128).requires_grad_(), r(9, 64, 8), small) is None
-    assert tex.decode_path(x(1, 1024).requires_grad_(), r(1, 8, 1), large) is None  # 12 MiB of dense copy grads
-    assert tex.decode_path(x(1, 1024).requires_grad_(), r(1, 8, 2), large) is None
-    assert tex.decode_path(x(2, 128).requires_grad_(), r(2, 64, 8), small) == "gather"
+    assert tex.planless_path(x(9, 128).requires_grad_(), r(9, 64, 8), small) is None
+    assert tex.planless_path(x(1, 1024).requires_grad_(), r(1, 8, 1), large) is None  # 12 MiB of dense copy grads
+    assert tex.planless_path(x(1, 1024).requires_grad_(), r(1, 8, 2), large) is None
+    assert tex.planless_path(x(2, 128).requires_grad_(), r(2, 64, 8), small) == "gather"
 
 
 @pytest.mark.parametrize("case", [
@@ -163,7 +163,7 @@ def test_decode_path_is_chosen_from_shapes():
     dict(t=16, e=40, k=2, drop=True, bias=True),  # 40 experts: the feature-major grouped matmul, biases, a drop
 ])
 @pytest.mark.parametrize("path", ["gather", "slot_order", "grouped"])
-def test_decode_paths_match_reference_through_the_backend(case, path, monkeypatch):
+def test_planless_paths_match_reference_through_the_backend(case, path, monkeypatch):
     # fused_experts -> TorchBackend.run: the decode path runs on the routing, no plan.
     from moe_kernels.activations import PostNorm
     from moe_kernels.backends.torch.backend import TorchBackend

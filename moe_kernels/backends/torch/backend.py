@@ -1,7 +1,7 @@
 """The ``torch`` backend: pure PyTorch on any device, the CPU product and the readable
 fast path. Routing is the core's routers (:mod:`moe_kernels.routing`), the plan the
 core's :func:`~moe_kernels.plan.build_plan_torch`, the experts :mod:`.experts`, and at
-decode on the CPU :mod:`.decode` (no plan at all)."""
+on the CPU where it can :mod:`.planless` (no plan at all)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...routing import Routing
 from ..base import Backend
-from .planless import experts_decode
+from .planless import experts_planless
 from .experts import experts_torch
 
 __all__ = ["TorchBackend"]
@@ -32,8 +32,8 @@ class TorchBackend(Backend):
 
     def run(self, x: torch.Tensor, routing: Routing, params: ExpertParams,
             options: KernelOptions | None = None) -> torch.Tensor:
-        # Decode on the CPU: the slots in slot order need no plan (see .decode).
-        out = experts_decode(x, routing, params)
+        # On the CPU decode and grouped inference need no plan (see .planless).
+        out = experts_planless(x, routing, params)
         return out if out is not None else super().run(x, routing, params, options)
 
     def experts(self, x: torch.Tensor, plan: DispatchPlan, params: ExpertParams,

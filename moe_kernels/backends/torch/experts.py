@@ -16,7 +16,7 @@ list of non-empty segments); value checks belong to the API boundary (and to
 ``MOE_KERNELS_DEBUG=1``), never to this path. Under ``torch.compile`` the matmuls run as
 opaque custom ops, so every method traces.
 
-Decode-sized calls on the CPU skip the plan altogether (:mod:`.decode`, from
+Calls on the CPU that need no plan skip it altogether (:mod:`.planless`, from
 ``TorchBackend.run``); given a plan, :func:`experts_torch` takes the same paths.
 
 Backward: autograd through the gathers, the activation and the combine; the grouped
@@ -40,7 +40,7 @@ from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...plan import DispatchPlan
 from ...primitives import active_segments, combine_slots, grouped_linear, grouped_method, zero_link
-from .planless import experts_decode
+from .planless import experts_planless
 
 __all__ = ["experts_torch"]
 def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
@@ -51,7 +51,7 @@ def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> 
         out = x.new_zeros(t, h)
         link = zero_link(x, params.w13, params.w2, params.b13, params.b2, plan.slot_weight)
         return out if link is None else out + link
-    out = experts_decode(x, plan, params, plan.token_slots)
+    out = experts_planless(x, plan, params, plan.token_slots)
     if out is not None:
         return out
     src = plan.slot_token.index_select(0, plan.sorted_slot)

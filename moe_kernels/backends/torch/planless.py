@@ -27,7 +27,7 @@ in training too) three paths run straight from the routing:
   number of valid slots).
 
 Every path sums a token's slots in slot order (a ``[T, k, H]`` sum), as the plan's path
-does. :func:`experts_decode` picks the path from static shapes and whether autograd is
+does. :func:`experts_planless` picks the path from static shapes and whether autograd is
 recording; :class:`TorchBackend.run` calls it on the routing before any plan is built,
 :func:`experts_torch` on a plan it was given (where ``"grouped"`` is not taken: the plan
 is already paid for). Measured cold on the default bench shapes: docs/PERFORMANCE.md.
@@ -43,7 +43,7 @@ from ...params import ExpertParams
 from ...primitives import combine_slots, grouped_method, grouped_mm_rows
 from ...segment_matmul import segment_form, segment_linear
 
-__all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "SLOT_ORDER_MAX_SLOTS", "decode_path", "experts_decode"]
+__all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "SLOT_ORDER_MAX_SLOTS", "planless_path", "experts_planless"]
 
 # The gathered copy has to stay in the last-level cache for the bmm to read it warm (and
 # is moved twice): up to 16 MiB it beat the grouped matmul's one call per expert (Qwen3
@@ -54,7 +54,7 @@ __all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "SLOT_ORDER_MAX_SLOTS", "de
 GATHER_MAX_BYTES = 16 << 20
 GATHER_SMALL_BYTES = 2 << 20
 SLOT_ORDER_MAX_SLOTS = 8
-# Tests pin "gather", "slot_order" or "segments" (the plan's grouped path) here.
+# Tests pin "gather", "slot_order", "grouped" or "segments" (the plan's path) here.
 _forced_path: str | None = None
 
 
@@ -63,7 +63,7 @@ def _records_grad(x: torch.Tensor, params: ExpertParams, slot_weight: torch.Tens
         x, params.w13, params.w2, params.b13, params.b2, slot_weight))
 
 
-def decode_path(x: torch.Tensor, slots, params: ExpertParams, grouped: bool = True) -> str | None:
+def planless_path(x: torch.Tensor, slots, params: ExpertParams, grouped: bool = True) -> str | None:
     """``"slot_order"``, ``"gather"``, ``"grouped"`` (only with ``grouped``) or ``None``
     (the plan's path) for ``slots`` (a :class:`~moe_kernels.routing.Routing` or a plan)
     of ``x``, from static shapes and whether autograd records."""
@@ -95,11 +95,11 @@ def _grouped_methods(x: torch.Tensor, params: ExpertParams, s: int) -> tuple[str
             grouped_method(hidden, params.w2, s, params.num_experts))
 
 
-def experts_decode(x: torch.Tensor, slots, params: ExpertParams,
-                   token_slots: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The experts on a decode path, or ``None`` when none applies: no path, or a routing
-    that is not token-major and no ``token_slots`` table to combine with."""
-    path = decode_path(x, slots, params, grouped=token_slots is None)
+def experts_planless(x: torch.Tensor, slots, params: ExpertParams,
+                     token_slots: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The experts on a planless path, or ``None`` when none applies: no path, or a
+    routing that is not token-major and no ``token_slots`` table to combine with."""
+    path = planless_path(x, slots, params, grouped=token_slots is None)
     token_major = slots.top_k is not None and slots.max_slots_per_token == slots.top_k
     if path is None or (token_slots is None and not token_major):
         return None
