@@ -11,7 +11,7 @@ import torch
 from .activations import Activation
 from .params import ExpertParams, expert_params
 
-__all__ = ["TOLERANCES", "assert_close", "max_error", "poison", "assert_written", "random_params", "POISON"]
+__all__ = ["TOLERANCES", "assert_close", "max_error", "poison", "assert_written", "random_weights", "random_params", "POISON"]
 
 # (atol, rtol) per dtype for an MoE output of unit-scale inputs; fp16/bf16 cover two
 # matmuls with fp32 accumulation plus one rounding of the intermediate h.
@@ -58,21 +58,31 @@ def assert_written(t: torch.Tensor, name: str = "output") -> None:
     assert not bool(bad.any()), f"{name}: {int(bad.sum())} of {t.numel()} elements never written"
 
 
-def random_params(e: int, h: int, i: int, *, activation: str = "swiglu", bias: bool = False,
-                  dtype=torch.float32, device="cpu", transposed: bool = False, interleaved: bool = False,
-                  generator=None, requires_grad: bool = False) -> ExpertParams:
-    """Random expert weights scaled so outputs are O(1), in the requested storage layout."""
-    act = Activation.of(activation)
-    n = act.width_factor
+def random_weights(e: int, h: int, i: int, *, width: int = 2, bias: bool = False, dtype=torch.float32,
+                   device="cpu", transposed: bool = False, generator=None, requires_grad: bool = False):
+    """Random ``(w13, w2, b13, b2)`` in their storage layout (``[E, width*I, H]`` and
+    ``[E, H, I]``, or ``[E, H, width*I]`` and ``[E, I, H]`` when ``transposed``), scaled so
+    outputs are O(1); the biases ``None`` without ``bias``. With ``requires_grad`` they are
+    leaves to differentiate."""
 
     def rnd(*shape, std):
         v = (torch.randn(*shape, generator=generator, dtype=torch.float32) * std).to(dtype).to(device)
         return v.requires_grad_(requires_grad)
 
     if transposed:
-        w13, w2 = rnd(e, h, n * i, std=h ** -0.5), rnd(e, i, h, std=i ** -0.5)
+        w13, w2 = rnd(e, h, width * i, std=h ** -0.5), rnd(e, i, h, std=i ** -0.5)
     else:
-        w13, w2 = rnd(e, n * i, h, std=h ** -0.5), rnd(e, h, i, std=i ** -0.5)
-    b13 = rnd(e, n * i, std=0.1) if bias else None
+        w13, w2 = rnd(e, width * i, h, std=h ** -0.5), rnd(e, h, i, std=i ** -0.5)
+    b13 = rnd(e, width * i, std=0.1) if bias else None
     b2 = rnd(e, h, std=0.1) if bias else None
-    return expert_params(w13, w2, b13, b2, activation=act, transposed=transposed, interleaved=interleaved)
+    return w13, w2, b13, b2
+
+
+def random_params(e: int, h: int, i: int, *, activation: str = "swiglu", bias: bool = False,
+                  dtype=torch.float32, device="cpu", transposed: bool = False, interleaved: bool = False,
+                  generator=None, requires_grad: bool = False) -> ExpertParams:
+    """Random expert weights scaled so outputs are O(1), in the requested storage layout."""
+    act = Activation.of(activation)
+    weights = random_weights(e, h, i, width=act.width_factor, bias=bias, dtype=dtype, device=device,
+                             transposed=transposed, generator=generator, requires_grad=requires_grad)
+    return expert_params(*weights, activation=act, transposed=transposed, interleaved=interleaved)

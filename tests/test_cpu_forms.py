@@ -10,7 +10,7 @@ import moe_kernels.primitives as prim
 import moe_kernels.segment_matmul as sm
 from moe_kernels import expert_params, fused_experts, moe_reference
 from moe_kernels.routing import Routing, softmax_topk, switch
-from moe_kernels.testing import assert_close
+from moe_kernels.testing import assert_close, random_weights
 
 
 @pytest.fixture
@@ -22,12 +22,7 @@ def form(request):
 
 
 def _weights(e, h, i, dtype, bias, transposed, gen):
-    shape13, shape2 = ((e, h, 2 * i), (e, i, h)) if transposed else ((e, 2 * i, h), (e, h, i))
-    w13 = (torch.randn(shape13, generator=gen) * h ** -0.5).to(dtype).requires_grad_()
-    w2 = (torch.randn(shape2, generator=gen) * i ** -0.5).to(dtype).requires_grad_()
-    b13 = (torch.randn(e, 2 * i, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
-    b2 = (torch.randn(e, h, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
-    return w13, w2, b13, b2
+    return random_weights(e, h, i, bias=bias, dtype=dtype, transposed=transposed, generator=gen, requires_grad=True)
 
 
 def _routing(t, e, gen, *, k=2, skew=None, drop=False):
@@ -273,15 +268,15 @@ def test_layer_runs_planless_and_still_reports_the_load(t, monkeypatch):
     torch.manual_seed(t)
     layer = MoE(hidden_size=32, intermediate_size=16, num_experts=64, top_k=4, backend="torch")
     x = torch.randn(t, 32)
-    with torch.no_grad():
-        want = layer(x)
-        r = layer.route(x, TorchBackend())
 
-        def no_plan(*args, **kwargs):
-            raise AssertionError("the layer built a plan on a planless path")
-        monkeypatch.setattr(TorchBackend, "plan", no_plan)
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the layer built a plan on a planless path")
+    monkeypatch.setattr(TorchBackend, "plan", no_plan)
+    with torch.no_grad():
         got = layer(x)
-    assert torch.equal(got, want)
+        r = layer.route(x, TorchBackend())
+        want = moe_reference(x, r, layer._expert_params(torch.float32))
+    assert_close(got, want, torch.float32)
     load = layer.last_expert_load
     assert load.dtype == torch.int32 and not load.requires_grad
     assert torch.equal(load, build_plan_torch(r, 1).expert_counts)

@@ -11,11 +11,11 @@ import moe_kernels.primitives as prim
 from moe_kernels import MoE, expert_params, fused_experts, moe_reference
 from moe_kernels.plan import build_plan_torch
 from moe_kernels.routing import Routing, softmax_topk, switch
-from moe_kernels.testing import assert_close
+from moe_kernels.testing import assert_close, random_weights
 
 # The grouped-matmul methods, and the decode path that gathers each slot's weights
 # instead (backends/torch/experts.py); "segments" pins the grouped path off.
-METHODS = ["loop", "grouped_mm", "grouped_mm_fm", "gather"]
+METHODS = [*prim.GROUPED_METHODS, "gather"]
 
 
 @pytest.fixture
@@ -30,12 +30,8 @@ def method(request):
 
 
 def weights(e, h, i, dtype, bias, transposed, gen):
-    shape13, shape2 = ((e, h, 2 * i), (e, i, h)) if transposed else ((e, 2 * i, h), (e, h, i))
-    w13 = (torch.randn(shape13, generator=gen) * h ** -0.5).to(dtype).requires_grad_()
-    w2 = (torch.randn(shape2, generator=gen) * i ** -0.5).to(dtype).requires_grad_()
-    b13 = (torch.randn(e, 2 * i, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
-    b2 = (torch.randn(e, h, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
-    return [w13, w2, b13, b2]
+    return list(random_weights(e, h, i, bias=bias, dtype=dtype, transposed=transposed, generator=gen,
+                               requires_grad=True))
 
 
 def grads(out_fn, leaves, dout):

@@ -1,7 +1,7 @@
 """The ``torch`` backend: pure PyTorch on any device, the CPU product and the readable
 fast path. Routing is the core's routers (:mod:`moe_kernels.routing`), the plan the
-core's :func:`~moe_kernels.plan.build_plan_torch`, the experts :mod:`.experts`, and at
-on the CPU where it can :mod:`.planless` (no plan at all)."""
+core's :func:`~moe_kernels.plan.build_plan_torch`, the experts :mod:`.experts`, and on
+the CPU, where a call needs no plan, :mod:`.planless`."""
 
 from __future__ import annotations
 

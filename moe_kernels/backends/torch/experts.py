@@ -43,6 +43,8 @@ from ...primitives import active_segments, combine_slots, grouped_linear, groupe
 from .planless import experts_planless
 
 __all__ = ["experts_torch"]
+
+
 def experts_torch(x: torch.Tensor, plan: DispatchPlan, params: ExpertParams) -> torch.Tensor:
     """``out[t] = sum over slots s of t of  w[s] * Expert_{e[s]}(x[t])`` with torch ops."""
     t, h = x.shape

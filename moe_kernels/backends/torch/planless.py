@@ -67,25 +67,35 @@ def planless_path(x: torch.Tensor, slots, params: ExpertParams, grouped: bool = 
     """``"slot_order"``, ``"gather"``, ``"grouped"`` (only with ``grouped``) or ``None``
     (the plan's path) for ``slots`` (a :class:`~moe_kernels.routing.Routing` or a plan)
     of ``x``, from static shapes and whether autograd records."""
+    return _choose(x, slots, params, grouped)[0]
+
+
+def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tuple[str | None, tuple[str, str] | None]:
+    """:func:`planless_path`, and for ``"grouped"`` the grouped matmul's two methods
+    (found while choosing, so the path does not look for them again)."""
     s = slots.slot_token.shape[0]
     if params.quant is not None or s == 0:
-        return None
+        return None, None
     if _forced_path is not None:
-        return None if _forced_path == "segments" else _forced_path
+        if _forced_path == "grouped":  # pinned: few experts may choose the loop, run their grouped call
+            return "grouped", tuple(m if m != "loop" else "grouped_mm" for m in _grouped_methods(x, params, s))
+        return (None if _forced_path == "segments" else _forced_path), None
     if x.device.type != "cpu":
-        return None
+        return None, None
     w13, w2 = params.w13, params.w2
     total = s * (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     inference = not _compiling() and not _records_grad(x, params, slots.slot_weight)
     if inference and s <= SLOT_ORDER_MAX_SLOTS and total > GATHER_SMALL_BYTES:
-        return "slot_order"
+        return "slot_order", None
     # Training: the gathered copies' gradient is one dense [S, N, K] per weight, then an
     # index_add into [E, N, K]: only small copies pay (measured 2x slower at 5.5-9 MiB).
     if s <= params.num_experts and total <= (GATHER_MAX_BYTES if inference else GATHER_SMALL_BYTES):
-        return "gather"
-    if inference and grouped and "loop" not in _grouped_methods(x, params, s):
-        return "grouped"
-    return None
+        return "gather", None
+    if inference and grouped:
+        methods = _grouped_methods(x, params, s)
+        if "loop" not in methods:
+            return "grouped", methods
+    return None, None
 
 
 def _grouped_methods(x: torch.Tensor, params: ExpertParams, s: int) -> tuple[str, str]:
@@ -99,12 +109,15 @@ def experts_planless(x: torch.Tensor, slots, params: ExpertParams,
                      token_slots: torch.Tensor | None = None) -> torch.Tensor | None:
     """The experts on a planless path, or ``None`` when none applies: no path, or a
     routing that is not token-major and no ``token_slots`` table to combine with."""
-    path = planless_path(x, slots, params, grouped=token_slots is None)
+    path, methods = _choose(x, slots, params, grouped=token_slots is None)
     token_major = slots.top_k is not None and slots.max_slots_per_token == slots.top_k
     if path is None or (token_slots is None and not token_major):
         return None
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y_slot = {"gather": _gathered, "slot_order": _slot_order, "grouped": _grouped}[path](x, slots, params, acc)
+    if path == "grouped":
+        y_slot = _grouped(x, slots, params, acc, methods)
+    else:
+        y_slot = (_gathered if path == "gather" else _slot_order)(x, slots, params, acc)
     t, h = x.shape
     if token_major:
         return y_slot.view(t, slots.top_k, h).sum(dim=1).to(x.dtype)
@@ -169,7 +182,7 @@ def _slot_order(x: torch.Tensor, slots, params: ExpertParams, acc: torch.dtype) 
 
 # --------------------------------------------------------------------------- grouped
 
-def _grouped(x: torch.Tensor, slots, params: ExpertParams, acc: torch.dtype) -> torch.Tensor:
+def _grouped(x: torch.Tensor, slots, params: ExpertParams, acc: torch.dtype, methods: tuple[str, str]) -> torch.Tensor:
     """Weighted slot outputs [S, H] in slot order, through the grouped matmul on the
     slots sorted by expert (dropped slots, expert ``E``, sort last and stay zero)."""
     e, s = params.num_experts, slots.slot_token.shape[0]
@@ -178,8 +191,7 @@ def _grouped(x: torch.Tensor, slots, params: ExpertParams, acc: torch.dtype) -> 
     torch.cumsum(torch.bincount(expert, minlength=e + 1)[:e], 0, out=offs_t[1:])
     v = int(offs_t[e])
     rows = x.index_select(0, slots.slot_token.index_select(0, perm))
-    # (A pinned path can land here with few experts: their grouped call, token-major.)
-    m13, m2 = (m if m != "loop" else "grouped_mm" for m in _grouped_methods(x, params, s))
+    m13, m2 = methods
     h13 = grouped_mm_rows(rows, params.w13, params.b13, offs_t, v, m13, expert)
     hidden = apply_activation(h13, params.activation, params.interleaved)
     y = apply_post_norm(grouped_mm_rows(hidden.contiguous(), params.w2, params.b2, offs_t, v, m2, expert),
