@@ -1,4 +1,9 @@
-"""Build of the optional CUDA extension moe_kernels._C (package metadata: pyproject.toml).
+"""Build of the CPU kernels and the optional CUDA extension (package metadata: pyproject.toml).
+
+``moe_kernels._cpu_kernels`` (csrc/cpu/, plain C, about a second): always built, with
+the C compiler Python was built with (``CC`` overrides); loaded with ctypes, so it needs
+no Python or torch headers. Without a working compiler the install goes on without it
+and the torch backend keeps to its library paths (moe_kernels/cpu_kernel.py says why).
 
 The extension is built when a CUDA toolchain is found and skipped (with a message)
 otherwise, so ``pip install .`` and ``pip install -e .`` always work;
@@ -73,6 +78,17 @@ CXX_FLAGS = [f"-DPy_LIMITED_API={LIMITED_API}", "-std=c++17", "-fvisibility=hidd
 # (torch's) never mix in; -s strips the symbol table (a Release build).
 LINK_FLAGS = [f"-Wl,--version-script={CSRC / 'module.map'}", "-Wl,-Bsymbolic", "-s"]
 SYSTEM_LIBS = ["-lpthread", "-ldl", "-lrt"]  # what libcudart_static.a needs
+# The CPU kernels (csrc/cpu/): a shared library, every symbol hidden but its API.
+CPU_FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wall", "-Wextra"]
+CPU_LIBS = ["-ldl"]  # dlopen/dlsym (in libc itself from glibc 2.34)
+
+
+class CpuLibrary(Extension):
+    """A plain C shared library loaded with ctypes (moe_kernels/cpu_kernel.py): no Python
+    or torch headers, so it ties to no ABI; named like an abi3 module to ship in the wheel."""
+
+    def __init__(self, name: str, sources: list[str]):
+        super().__init__(name, sources=sources, py_limited_api=True)
 
 
 class CMakeExtension(Extension):
@@ -340,23 +356,30 @@ class BuildExt(build_ext):
     them with a message."""
 
     def run(self) -> None:
+        skip = self._cuda_skip_reason()
+        if skip:
+            print(f"moe_kernels: {skip}", flush=True)
+            self._drop_stale([e for e in self.extensions if isinstance(e, CMakeExtension)])
+            self.extensions = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
+        super().run()
+
+    def _cuda_skip_reason(self) -> str | None:
+        """Why the CUDA extension is not built (None: it is; the toolchain is then set)."""
         if os.environ.get("MOE_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
-            print("moe_kernels: MOE_KERNELS_SKIP_CUDA_BUILD=1, not building the CUDA extension", flush=True)
-            return self._drop_stale()
+            return "MOE_KERNELS_SKIP_CUDA_BUILD=1, not building the CUDA extension"
         if os.environ.get("MOE_KERNELS_PIP_CUDA"):
             self._toolchain = _pip_toolchain(Path(os.environ["MOE_KERNELS_PIP_CUDA"]))
         else:
             self._toolchain = _nvcc_toolchain()
         if self._toolchain is None:
-            print("moe_kernels: no nvcc found (CUDA_HOME, PATH, /usr/local/cuda): installing without the CUDA "
-                  "extension; the 'cuda' backend will be unavailable", flush=True)
-            return self._drop_stale()
-        super().run()
+            return ("no nvcc found (CUDA_HOME, PATH, /usr/local/cuda): installing without the CUDA "
+                    "extension; the 'cuda' backend will be unavailable")
+        return None
 
-    def _drop_stale(self) -> None:
+    def _drop_stale(self, extensions: list[Extension]) -> None:
         """A module left by an earlier build (build/lib, or in place) would otherwise be
         installed as if it had just been built."""
-        for ext in self.extensions:
+        for ext in extensions:
             path = Path(self.get_ext_fullpath(ext.name))
             for stale in (path, path.parent / VARIANT_FILE):
                 if stale.exists():
@@ -367,13 +390,15 @@ class BuildExt(build_ext):
         """--inplace / editable installs: the module and, next to it, its variant file."""
         super().copy_extensions_to_source()
         build_py = self.get_finalized_command("build_py")
-        for ext in self.extensions:
+        for ext in (e for e in self.extensions if isinstance(e, CMakeExtension)):
             built = Path(self.build_lib, *ext.name.split(".")[:-1], VARIANT_FILE)
             package_dir = Path(build_py.get_package_dir(ext.name.rpartition(".")[0]))
             if built.exists():
                 shutil.copyfile(built, package_dir / VARIANT_FILE)
 
     def build_extension(self, ext: Extension) -> None:
+        if isinstance(ext, CpuLibrary):
+            return self._build_cpu_library(ext)
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
         builder = os.environ.get("MOE_KERNELS_BUILDER", "").strip().lower()
@@ -409,5 +434,24 @@ class BuildExt(build_ext):
               f"{time.monotonic() - start:.1f} s", flush=True)
 
 
-setup(ext_modules=[CMakeExtension("moe_kernels._C")], cmdclass={"build_ext": BuildExt},
+    def _build_cpu_library(self, ext: Extension) -> None:
+        """The CPU kernels: plain C, one compiler call. Without a working C compiler the
+        package still installs; the torch backend then keeps to its library paths."""
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+        cmd = [*cc, *CPU_FLAGS, *[str(ROOT / s) for s in ext.sources], "-o", str(output), *CPU_LIBS]
+        start = time.monotonic()
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            if output.exists():
+                output.unlink()
+            print(f"moe_kernels: could not build the CPU kernels ({err}); installing without them: the torch "
+                  f"backend will use its library paths only", flush=True)
+            return
+        print(f"moe_kernels: CPU kernels built in {time.monotonic() - start:.1f} s ({output.name})", flush=True)
+
+setup(ext_modules=[CpuLibrary("moe_kernels._cpu_kernels", ["csrc/cpu/expert_linear.c"]),
+                   CMakeExtension("moe_kernels._C")], cmdclass={"build_ext": BuildExt},
       options={"bdist_wheel": {"py_limited_api": ABI3_TAG}})

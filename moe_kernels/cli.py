@@ -1,6 +1,6 @@
 """The ``moe-kernels`` command.
 
-``info``       what is available: torch, triton, the CUDA extension and its archs, GPUs,
+``info``       what is available: torch, triton, the CPU kernel, the CUDA extension and its archs, GPUs,
                and every backend with the reason it is unavailable.
 ``check``      every available backend against the reference loop on fresh random
                inputs, for every router: prints max errors, exits 1 on a mismatch.
@@ -50,6 +50,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"CUDA ext    built for {ext.get('archs')} with CUDA {ext.get('cuda_version')}")
     else:
         print(f"CUDA ext    not available: {ext.get('error', 'not built')}")
+    from . import cpu_kernel
+
+    if cpu_kernel.available():
+        print(f"CPU kernel  built ({cpu_kernel.threading_model()} threads): the torch backend's float32 CPU path")
+    else:
+        print(f"CPU kernel  not available: {cpu_kernel.unavailable_reason()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)

@@ -9,8 +9,8 @@
 #          nvidia-cuda-nvrtc-cu12: the front end; nvidia-nvfatbin-cu12;
 #          nvidia-cuda-runtime-cu12: cuda_runtime_api.h, libcudart_static.a), through
 #          setup.py's MOE_KERNELS_PIP_CUDA.
-# Host code (the module, linked with the static CUDA runtime) is compiled and linked by
-# zig's clang (PyPI's `ziglang`) for glibc ZIG_GLIBC (default 2.28) with a static libc++,
+# Host code (the module, linked with the static CUDA runtime, and the CPU kernels) is
+# compiled and linked by zig's clang (PyPI's `ziglang`) for glibc ZIG_GLIBC (default 2.28) with a static libc++,
 # so the module needs nothing newer than that glibc and no libstdc++; auditwheel
 # then tags the wheel manylinux_2_28 (refusing, if a newer symbol slipped in).
 #
@@ -107,7 +107,9 @@ if [[ -z "${TOOLS:-}" ]]; then
 fi
 ZIGCXX=$WORK/zig-c++
 printf '#!/bin/sh\nexec "%s" -m ziglang c++ -target x86_64-linux-gnu.%s "$@"\n' "$TOOLS/bin/python" "$ZIG_GLIBC" > "$ZIGCXX"
-chmod +x "$ZIGCXX"
+ZIGCC=$WORK/zig-cc  # the CPU kernels (plain C): the same glibc floor
+printf '#!/bin/sh\nexec "%s" -m ziglang cc -target x86_64-linux-gnu.%s "$@"\n' "$TOOLS/bin/python" "$ZIG_GLIBC" > "$ZIGCC"
+chmod +x "$ZIGCXX" "$ZIGCC"
 "$ZIGCXX" --version | head -1
 CUOBJDUMP_BIN=$(find_cuobjdump)
 [[ -n "$CUOBJDUMP_BIN" ]] || { echo "no cuobjdump found (set CUOBJDUMP)" >&2; exit 1; }
@@ -120,7 +122,7 @@ declare -A CUDA_OF
 build_variant() {
   local variant=$1 src="$WORK/src-$1"
   clean_copy "$src"
-  local -a env_args=(MOE_KERNELS_CUDA_ARCHS="$ARCHS" MOE_KERNELS_CUDA_VARIANT="$variant" CXX="$ZIGCXX"
+  local -a env_args=(MOE_KERNELS_CUDA_ARCHS="$ARCHS" MOE_KERNELS_CUDA_VARIANT="$variant" CXX="$ZIGCXX" CC="$ZIGCC"
                      MOE_KERNELS_BUILDER=direct CXXFLAGS= LDFLAGS=)
   case "$variant" in
     cu129)

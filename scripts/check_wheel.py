@@ -117,6 +117,10 @@ def check_manylinux(shown: str, glibc: str, wheel: Path) -> None:
     _ok(f"auditwheel show: consistent with manylinux_2_{m.group(1)}; tagged manylinux_2_{'/'.join(tagged)}")
 
 
+# The CUDA extension and the CPU kernels (a plain C library for ctypes), both abi3-named.
+NATIVE = ["moe_kernels/_C.abi3.so", "moe_kernels/_cpu_kernels.abi3.so"]
+
+
 def check_contents(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -125,13 +129,13 @@ def check_contents(wheel: Path) -> None:
     native = sorted(n for n in names if re.search(r"\.so(\.|$)", n))
     if not licenses:
         _fail(f"{wheel.name}: no LICENSE in the .dist-info")
-    if native != ["moe_kernels/_C.abi3.so"]:
-        _fail(f"{wheel.name}: native code {native}, expected moe_kernels/_C.abi3.so only")
+    if native != NATIVE:
+        _fail(f"{wheel.name}: native code {native}, expected {' and '.join(NATIVE)} only")
     if "moe_kernels/_build_variant.py" not in names:
         _fail(f"{wheel.name}: no moe_kernels/_build_variant.py")
     if not re.search(r"^License-Expression: Apache-2.0$", metadata, re.M):
         _fail(f"{wheel.name}: METADATA has no License-Expression: Apache-2.0")
-    _ok(f"{wheel.name}: {licenses[0]}, {native[0]}, _build_variant.py, License-Expression Apache-2.0")
+    _ok(f"{wheel.name}: {licenses[0]}, {', '.join(native)}, _build_variant.py, License-Expression Apache-2.0")
 
 
 def _load(name: str, path: Path):
@@ -139,6 +143,29 @@ def _load(name: str, path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _check_cpu_kernels(installed: Path, with_torch: bool) -> None:
+    """The CPU kernels load and answer their ABI number; with torch, run once against the twin."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(installed / "_cpu_kernels.abi3.so"))
+    abi = lib.moe_cpu_kernels_abi()
+    if not with_torch:
+        _ok(f"_cpu_kernels.abi3.so: loads, ABI {abi}")
+        return
+    import torch
+
+    from moe_kernels import cpu_kernel
+
+    if not cpu_kernel.available():
+        _fail(f"the CPU kernels do not load: {cpu_kernel.unavailable_reason()}")
+    x, w = torch.randn(5, 40), torch.randn(3, 24, 40)
+    rows, ex = torch.tensor([0, 1, 2, 3, 4, 4], dtype=torch.int32), torch.tensor([2, 0, 2, 1, 3, 0], dtype=torch.int32)
+    err = (cpu_kernel.expert_linear(x, rows, ex, w) - cpu_kernel.expert_linear_reference(x, rows, ex, w)).abs().max()
+    if not float(err) < 1e-4:
+        _fail(f"the CPU kernel disagrees with its twin: max error {float(err)}")
+    _ok(f"_cpu_kernels.abi3.so: ABI {abi}, {cpu_kernel.threading_model()} threads, matches its twin ({float(err):.1e})")
 
 
 def check(archs: str, cuda: str, variant: str, version: str, cuobjdump: str | None, with_torch: bool) -> None:
@@ -172,6 +199,7 @@ def check(archs: str, cuda: str, variant: str, version: str, cuobjdump: str | No
         variant_info = vars(_load("moe_kernels._build_variant", installed / "_build_variant.py"))
         variant_info = {k.lower(): v for k, v in variant_info.items() if k.isupper()}
         ok(f"{py} (no torch): loaded {installed / '_C.abi3.so'} and its variant file directly")
+    _check_cpu_kernels(installed, with_torch)
     if Path(C.__file__).resolve() != (installed / "_C.abi3.so").resolve():
         fail(f"moe_kernels._C is {C.__file__}, not the installed module")
     info = {"path": C.__file__, **C.build_info()}

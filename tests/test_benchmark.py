@@ -489,11 +489,13 @@ def test_ratio_table_over_runs(tmp_path):
 
 def test_forms_table_runs_and_times_every_form(capsys):
     # python -m moe_kernels.bench.forms: one tiny shape, two row counts, a few reps.
+    from moe_kernels import cpu_kernel
     from moe_kernels.bench.forms import main, time_forms
     from moe_kernels.segment_matmul import dnn_available
 
     t = time_forms(48, 32, 3, reps=3, cache=1 << 16)
-    assert set(t) == {"mm", "fm"} | ({"dnn"} if dnn_available() else set()) and all(v > 0 for v in t.values())
+    assert set(t) == ({"mm", "fm"} | ({"dnn"} if dnn_available() else set())
+                      | ({"kernel"} if cpu_kernel.available() else set())) and all(v > 0 for v in t.values())
     assert "fm" not in time_forms(48, 32, 3, transposed=True, reps=3, cache=1 << 16)
     assert main(["--shapes", "gpt-oss-20b", "--size", "tiny", "--rows", "1,3", "--reps", "3"]) == 0
     out = capsys.readouterr().out

@@ -16,6 +16,7 @@ import re
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "moe_kernels"
 CORE = {"_checks", "options", "limits", "activations", "params", "routing", "plan", "primitives", "segment_matmul",
+        "cpu_kernel",
         "reference",
         "testing"}
 BACKENDS = ("torch", "triton", "cuda")

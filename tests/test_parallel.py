@@ -37,7 +37,7 @@ def _assert_case(results, cid, opts=None):
         bad = {k: v for k, v in r["errors"].items() if not v <= r["tol"]}
         assert not bad, f"rank {rank} case {cid}: differs from the single-process layer: {bad}"
         assert r["out_finite"]
-        assert r["rerun_equal"], f"rank {rank}: a second forward (no_grad) is not bitwise equal to the first"
+        assert r["rerun_equal"], f"rank {rank}: a second no_grad forward is not bitwise equal to the first"
         assert not r["none_grads"], f"rank {rank}: expert grads are None: {r['none_grads']}"
         assert not r["extra_loss_keys"], f"rank {rank}: losses the single-process layer lacks: {r['extra_loss_keys']}"
     for rank in (opts or {}).get("expect_empty", []):

@@ -44,7 +44,8 @@ def _wheel(path: Path, files: dict, version="0.1.0", dirs=()) -> Path:
     return path
 
 
-GOOD = {"moe_kernels/__init__.py": "", "moe_kernels/_C.abi3.so": b"\x7fELF", "moe_kernels/_build_variant.py": "",
+GOOD = {"moe_kernels/__init__.py": "", "moe_kernels/_C.abi3.so": b"\x7fELF", "moe_kernels/_cpu_kernels.abi3.so": b"\x7fELF",
+        "moe_kernels/_build_variant.py": "",
         "moe_kernels_fused-0.1.0.dist-info/licenses/LICENSE": "Apache License"}
 
 
@@ -92,6 +93,8 @@ def test_contents_requires_license_and_only_the_abi3_module(tmp_path):
     assert "no LICENSE" in _run_check("contents", _wheel(tmp_path / "a.whl", no_license)).stdout
     per_python = {**GOOD, "moe_kernels/_C.cpython-311-x86_64-linux-gnu.so": b""}
     assert "native code" in _run_check("contents", _wheel(tmp_path / "b.whl", per_python)).stdout
+    no_cpu = {k: v for k, v in GOOD.items() if "_cpu_kernels" not in k}
+    assert "native code" in _run_check("contents", _wheel(tmp_path / "c.whl", no_cpu)).stdout
 
 
 @pytest.mark.parametrize("consistent, name, ok", [

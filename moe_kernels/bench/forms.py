@@ -4,9 +4,12 @@ What :mod:`moe_kernels.segment_matmul`'s thresholds rest on, rerunnable on any C
 each expert matrix of the benchmark's shapes (w13 and w2 at ``--size small``, stored
 row-major and, as GPT-OSS does, transposed) and each row count ``m``, the median time of
 ``out[:m] = a[:m] @ w[e]^T`` by every form, each call on the next of enough weight copies
-that it reads its weight cold, the forms interleaved. The last column is the form
-:func:`~moe_kernels.segment_matmul.segment_form` picks; a star marks it when it is not
-within 10% of the fastest.
+that it reads its weight cold, the forms interleaved. The ``kernel`` column is the
+compiled CPU kernel (:mod:`moe_kernels.cpu_kernel`) on the same rows, which the torch
+backend's ``"kernel"`` path runs in float32 inference instead of any form (``-`` when it
+was not built). The last column is the library form
+:func:`~moe_kernels.segment_matmul.segment_form` picks, where the kernel does not run;
+a star marks it when it is not within 10% of the fastest library form.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 
 import torch
 
+from .. import cpu_kernel
 from ..segment_matmul import SEGMENT_FORMS, dnn_available, segment_form, segment_linear
 from .roofline import parse_shapes, scaled_shape
 from .timing import cache_bytes
@@ -27,8 +31,9 @@ __all__ = ["time_forms", "main"]
 
 def time_forms(n: int, k: int, m: int, *, transposed: bool = False, reps: int = 60,
                cache: int | None = None) -> dict[str, float]:
-    """Median seconds of each available form for ``m`` rows times an ``[n, k]`` float32
-    weight, cold (the weight copies together exceed 3x ``cache`` bytes)."""
+    """Median seconds of each available form (and ``"kernel"``, when built) for ``m`` rows
+    times an ``[n, k]`` float32 weight, cold (the weight copies together exceed 3x
+    ``cache`` bytes)."""
     cache = cache or cache_bytes(torch.device("cpu"))
     copies = max(2, min(256, 3 * cache // (n * k * 4) + 1))
     store = torch.randn(copies, k, n) if transposed else torch.randn(copies, n, k)
@@ -37,14 +42,18 @@ def time_forms(n: int, k: int, m: int, *, transposed: bool = False, reps: int = 
     out = torch.empty(m, n)
     scratch = torch.empty(n, m)
     forms = [f for f in SEGMENT_FORMS if not (f == "dnn" and not dnn_available())
-             and not (f == "fm" and transposed)]
+             and not (f == "fm" and transposed)] + (["kernel"] if cpu_kernel.available() else [])
+    one_expert = torch.zeros(m, dtype=torch.int32)
     times: dict[str, list[float]] = {f: [] for f in forms}
     e = 0
     for r in range(reps):
         for f in forms[r % len(forms):] + forms[:r % len(forms)]:
             e = (e + 1) % copies
             t0 = time.perf_counter()
-            segment_linear(out, a, w[e], None, 0, m, f, scratch)
+            if f == "kernel":
+                cpu_kernel.expert_linear_into(out, a, None, one_expert, w[e:e + 1])
+            else:
+                segment_linear(out, a, w[e], None, 0, m, f, scratch)
             times[f].append(time.perf_counter() - t0)
     return {f: statistics.median(v) for f, v in times.items()}
 
@@ -59,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(v) for v in args.rows.split(",") if v.strip()]
     print(f"CPU matmul forms, float32, {torch.get_num_threads()} threads, median us per call, weights cold "
           f"(oneDNN {'available' if dnn_available() else 'unavailable'})")
-    print("| matrix | N x K | storage | m | " + " | ".join(SEGMENT_FORMS) + " | picked |")
-    print("|---|---|---|---|" + "---|" * (len(SEGMENT_FORMS) + 1))
+    columns = [*SEGMENT_FORMS, "kernel"]
+    print("| matrix | N x K | storage | m | " + " | ".join(columns) + " | picked |")
+    print("|---|---|---|---|" + "---|" * (len(columns) + 1))
     for shape in (scaled_shape(s, args.size) for s in parse_shapes(args.shapes)):
         n13 = (2 if shape.gated else 1) * shape.intermediate
         for name, (n, k) in (("w13", (n13, shape.hidden)), ("w2", (shape.hidden, shape.intermediate))):
@@ -69,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                     t = time_forms(n, k, m, transposed=transposed, reps=args.reps)
                     probe = torch.empty(k, n).t() if transposed else torch.empty(n, k)
                     pick = segment_form(m, probe)
-                    slow = t.get(pick, 0.0) > 1.1 * min(t.values())
-                    cells = [f"{t[f] * 1e6:.0f}" if f in t else "-" for f in SEGMENT_FORMS]
+                    slow = t.get(pick, 0.0) > 1.1 * min(v for f, v in t.items() if f != "kernel")
+                    cells = [f"{t[f] * 1e6:.0f}" if f in t else "-" for f in columns]
                     print(f"| {shape.name} {name} | {n} x {k} | {'transposed' if transposed else 'row-major'} | {m} | "
                           + " | ".join(cells) + f" | {pick}{' *' if slow else ''} |", flush=True)
     return 0

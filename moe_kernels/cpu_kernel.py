@@ -1,0 +1,177 @@
+"""The compiled CPU kernel: one expert linear layer over routed slots, at the speed of
+reading the weights.
+
+``out[s] = x[slot_row[s]] @ w[slot_expert[s]]^T + b[slot_expert[s]]``, and a zero row for
+a dropped slot (expert outside ``[0, E)``), in one call: the kernel (csrc/cpu/expert_linear.c)
+groups the slots by expert itself (a counting sort), loads each weight element once per
+block of up to 4 slots and streams it from memory into multiply-adds. At 1-8 rows per
+expert the BLAS libraries pack the weight first and stream it at ~15 GB/s on one core;
+this reads it at 25-60 GB/s (measured on the development machine; docs/PERFORMANCE.md).
+No sort, gather or host read is left to the caller: the torch backend's ``"kernel"``
+path (:mod:`moe_kernels.backends.torch.planless`) is two calls and the activation.
+
+Three layers, as for every op: :func:`expert_linear_into` writes into a given buffer,
+:func:`expert_linear` allocates, :func:`expert_linear_reference` is the pure-PyTorch twin
+with the same signature. Forward only: nothing here records autograd (the torch backend
+takes it at inference; training keeps the differentiable paths).
+
+Scope: float32, CPU, contiguous weights in either layout the package stores (``[E, N, K]``,
+or ``[E, K, N]`` viewed transposed, as GPT-OSS keeps w13), input rows with unit stride.
+:func:`kernel_layout` says whether a weight qualifies. The library is plain C loaded with
+ctypes (no Python or torch ABI); when it was not built (no C compiler at install time)
+:func:`available` is False and :func:`unavailable_reason` says why.
+
+Determinism: each output element is reduced in an order fixed by ``K`` alone, whatever
+the thread count or slot order, so the same input gives bitwise the same output on one
+machine; a slot's result does not depend on which other slots share its expert.
+Threads: the output columns are split over ``threads`` threads of torch's OpenMP pool
+(:func:`threading_model`), used from :data:`THREAD_MIN_BYTES` of weights on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+__all__ = ["THREAD_MIN_BYTES", "available", "unavailable_reason", "threading_model", "kernel_layout", "expert_linear_into",
+           "expert_linear", "expert_linear_reference"]
+
+_ABI = 1  # csrc/cpu/expert_linear.c: moe_cpu_kernels_abi()
+_LIBRARY = "_cpu_kernels.abi3.so"
+# Below this many weight bytes (the most the call can read: min(S, E) experts' weights)
+# one thread is done before a second would have started.
+THREAD_MIN_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    path = Path(__file__).with_name(_LIBRARY)
+    if not path.is_file():
+        return None, (f"{path.name} was not built (no working C compiler at install time; reinstall with one, "
+                      f"e.g. `pip install -e .` with gcc or clang on PATH)")
+    try:
+        lib = ctypes.CDLL(str(path))
+        abi = lib.moe_cpu_kernels_abi()
+    except (OSError, AttributeError) as err:
+        return None, f"{path.name} could not be loaded: {err}"
+    if abi != _ABI:
+        return None, f"{path.name} has ABI {abi}, this package expects {_ABI}: rebuild it (`pip install -e .`)"
+    fn = lib.moe_expert_linear_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64]
+    fn.restype = ctypes.c_int
+    return lib, None
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel is present and loads."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    return _load()[1]
+
+
+def threading_model() -> str | None:
+    """``"openmp"`` when calls with threads run on the OpenMP pool the process already has
+    (torch's libgomp, found at run time, not linked), ``"pthreads"`` when there is none
+    (threads started per call), None when the kernel is unavailable."""
+    lib = _load()[0]
+    return None if lib is None else ("openmp" if lib.moe_cpu_kernels_openmp() else "pthreads")
+
+
+def kernel_layout(w: torch.Tensor) -> str | None:
+    """``"nk"`` for an expert weight ``w`` [E, N, K] stored contiguously, ``"kn"`` for one
+    stored transposed (a ``[E, K, N]`` contiguous tensor viewed ``[E, N, K]``), None for
+    anything the kernel does not take (another dtype, device or layout)."""
+    if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 3:
+        return None
+    e, n, k = w.shape
+    if w.stride() == (n * k, k, 1):
+        return "nk"
+    if w.stride() == (n * k, 1, n):
+        return "kn"
+    return None
+
+
+def _check(out, x, slot_row, slot_expert, w, b) -> tuple[str, int]:
+    layout = kernel_layout(w)
+    if layout is None:
+        raise ValueError(f"w: expected a float32 CPU [E, N, K] tensor stored contiguously as [E, N, K] or "
+                         f"[E, K, N], got {w.dtype} on {w.device}, shape {tuple(w.shape)}, strides {w.stride()}")
+    e, n, k = w.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"x: expected a float32 CPU [rows, {k}] tensor with unit column stride, got {x.dtype} "
+                         f"on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}")
+    if slot_expert.dtype != torch.int32 or slot_expert.dim() != 1 or not slot_expert.is_contiguous():
+        raise ValueError(f"slot_expert: expected a contiguous int32 [S] tensor, got {slot_expert.dtype} "
+                         f"shape {tuple(slot_expert.shape)}")
+    s = slot_expert.shape[0]
+    if slot_row is None:
+        if x.shape[0] < s:
+            raise ValueError(f"x: expected at least S={s} rows when slot_row is None, got {x.shape[0]}")
+    elif (slot_row.dtype != torch.int32 or tuple(slot_row.shape) != (s,) or not slot_row.is_contiguous()):
+        raise ValueError(f"slot_row: expected a contiguous int32 [{s}] tensor, got {slot_row.dtype} "
+                         f"shape {tuple(slot_row.shape)}")
+    if b is not None and (b.dtype != torch.float32 or tuple(b.shape) != (e, n) or not b.is_contiguous()):
+        raise ValueError(f"b: expected a contiguous float32 [{e}, {n}] tensor, got {b.dtype} shape {tuple(b.shape)}")
+    if out.dtype != torch.float32 or tuple(out.shape) != (s, n) or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous float32 [{s}, {n}] tensor, got {out.dtype} "
+                         f"shape {tuple(out.shape)}")
+    return layout, s
+
+
+def expert_linear_into(out: torch.Tensor, x: torch.Tensor, slot_row: torch.Tensor | None,
+                       slot_expert: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                       threads: int | None = None) -> torch.Tensor:
+    """Write ``x[slot_row[s]] @ w[slot_expert[s]]^T + b[slot_expert[s]]`` into ``out[s]``
+    for every slot (a zero row where ``slot_expert[s]`` is outside ``[0, E)``).
+
+    ``out`` [S, N] float32 contiguous; ``x`` [rows, K] float32, unit column stride;
+    ``slot_row`` [S] int32 (rows of ``x``; None: slot ``s`` reads row ``s``);
+    ``slot_expert`` [S] int32; ``w`` [E, N, K] (see :func:`kernel_layout`); ``b`` [E, N]
+    or None; ``threads``: at most this many (default ``torch.get_num_threads()``), used
+    from :data:`THREAD_MIN_BYTES` of weights on. Row indices are not range-checked here
+    (the :class:`~moe_kernels.routing.Routing` checks them). Returns ``out``."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"moe_kernels CPU kernel unavailable: {why}")
+    layout, s = _check(out, x, slot_row, slot_expert, w, b)
+    e, n, k = w.shape
+    if threads is None:
+        threads = torch.get_num_threads()
+    if min(s, e) * n * k * 4 < THREAD_MIN_BYTES:
+        threads = 1
+    rc = lib.moe_expert_linear_f32(
+        x.data_ptr(), x.stride(0), None if slot_row is None else slot_row.data_ptr(), slot_expert.data_ptr(), s,
+        w.data_ptr(), e, k, n, int(layout == "kn"), None if b is None else b.data_ptr(), out.data_ptr(),
+        max(1, int(threads)))
+    if rc != 0:
+        raise MemoryError(f"moe_kernels CPU kernel: could not allocate its scratch for S={s}, E={e}")
+    return out
+
+
+def expert_linear(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor, w: torch.Tensor,
+                  b: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """:func:`expert_linear_into` into a new ``[S, N]`` float32 tensor."""
+    out = torch.empty(slot_expert.shape[0], w.shape[1], dtype=torch.float32)
+    return expert_linear_into(out, x, slot_row, slot_expert, w, b, threads)
+
+
+def expert_linear_reference(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor,
+                            w: torch.Tensor, b: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """The pure-PyTorch twin of :func:`expert_linear` (``threads`` is ignored): a gather of
+    each slot's expert weight and a batched matmul, any dtype, differentiable."""
+    e = w.shape[0]
+    rows = x if slot_row is None else x.index_select(0, slot_row.long())
+    rows = rows[: slot_expert.shape[0]]
+    valid = (slot_expert >= 0) & (slot_expert < e)
+    ids = torch.where(valid, slot_expert, 0).long()
+    out = torch.bmm(rows.unsqueeze(1), w.index_select(0, ids).transpose(1, 2)).squeeze(1)
+    if b is not None:
+        out = out + b.index_select(0, ids)
+    return torch.where(valid.unsqueeze(1), out, 0.0)
