@@ -15,8 +15,10 @@ Three layers, as for every op: :func:`expert_linear_into` writes into a given bu
 with the same signature. Forward only: nothing here records autograd (the torch backend
 takes it at inference; training keeps the differentiable paths).
 
-Scope: float32, CPU, contiguous weights in either layout the package stores (``[E, N, K]``,
-or ``[E, K, N]`` viewed transposed, as GPT-OSS keeps w13), input rows with unit stride.
+Scope: CPU, contiguous float32 or bfloat16 weights in either layout the package stores
+(``[E, N, K]``, or ``[E, K, N]`` viewed transposed, as GPT-OSS keeps w13); float32 input
+rows with unit stride, float32 bias and output (bfloat16 weights are widened as they
+load: half the bytes of float32 to stream, float32 arithmetic).
 :func:`kernel_layout` says whether a weight qualifies. The library is plain C loaded with
 ctypes (no Python or torch ABI); when it was not built (no C compiler at install time)
 :func:`available` is False and :func:`unavailable_reason` says why.
@@ -39,7 +41,8 @@ import torch
 __all__ = ["THREAD_MIN_BYTES", "available", "unavailable_reason", "threading_model", "kernel_layout", "expert_linear_into",
            "expert_linear", "expert_linear_reference"]
 
-_ABI = 1  # csrc/cpu/expert_linear.c: moe_cpu_kernels_abi()
+_ABI = 2  # csrc/cpu/expert_linear.c: moe_cpu_kernels_abi()
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 _LIBRARY = "_cpu_kernels.abi3.so"
 # Below this many weight bytes (the most the call can read: min(S, E) experts' weights)
 # one thread is done before a second would have started.
@@ -59,9 +62,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"{path.name} could not be loaded: {err}"
     if abi != _ABI:
         return None, f"{path.name} has ABI {abi}, this package expects {_ABI}: rebuild it (`pip install -e .`)"
-    fn = lib.moe_expert_linear_f32
+    fn = lib.moe_expert_linear
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64]
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]
     fn.restype = ctypes.c_int
     return lib, None
 
@@ -86,9 +89,9 @@ def threading_model() -> str | None:
 
 def kernel_layout(w: torch.Tensor) -> str | None:
     """``"nk"`` for an expert weight ``w`` [E, N, K] stored contiguously, ``"kn"`` for one
-    stored transposed (a ``[E, K, N]`` contiguous tensor viewed ``[E, N, K]``), None for
-    anything the kernel does not take (another dtype, device or layout)."""
-    if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 3:
+    stored transposed (a ``[E, K, N]`` contiguous tensor viewed ``[E, N, K]``), float32 or
+    bfloat16; None for anything the kernel does not take (another dtype, device or layout)."""
+    if w.dtype not in _WEIGHT_DTYPES or w.device.type != "cpu" or w.dim() != 3:
         return None
     e, n, k = w.shape
     if w.stride() == (n * k, k, 1):
@@ -101,8 +104,8 @@ def kernel_layout(w: torch.Tensor) -> str | None:
 def _check(out, x, slot_row, slot_expert, w, b) -> tuple[str, int]:
     layout = kernel_layout(w)
     if layout is None:
-        raise ValueError(f"w: expected a float32 CPU [E, N, K] tensor stored contiguously as [E, N, K] or "
-                         f"[E, K, N], got {w.dtype} on {w.device}, shape {tuple(w.shape)}, strides {w.stride()}")
+        raise ValueError(f"w: expected a float32 or bfloat16 CPU [E, N, K] tensor stored contiguously as "
+                         f"[E, N, K] or [E, K, N], got {w.dtype} on {w.device}, shape {tuple(w.shape)}, strides {w.stride()}")
     e, n, k = w.shape
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"x: expected a float32 CPU [rows, {k}] tensor with unit column stride, got {x.dtype} "
@@ -133,8 +136,8 @@ def expert_linear_into(out: torch.Tensor, x: torch.Tensor, slot_row: torch.Tenso
 
     ``out`` [S, N] float32 contiguous; ``x`` [rows, K] float32, unit column stride;
     ``slot_row`` [S] int32 (rows of ``x``; None: slot ``s`` reads row ``s``);
-    ``slot_expert`` [S] int32; ``w`` [E, N, K] (see :func:`kernel_layout`); ``b`` [E, N]
-    or None; ``threads``: at most this many (default ``torch.get_num_threads()``), used
+    ``slot_expert`` [S] int32; ``w`` [E, N, K] float32 or bfloat16 (see
+    :func:`kernel_layout`); ``b`` [E, N] float32 or None; ``threads``: at most this many (default ``torch.get_num_threads()``), used
     from :data:`THREAD_MIN_BYTES` of weights on. Row indices are not range-checked here
     (the :class:`~moe_kernels.routing.Routing` checks them). Returns ``out``."""
     lib, why = _load()
@@ -144,11 +147,11 @@ def expert_linear_into(out: torch.Tensor, x: torch.Tensor, slot_row: torch.Tenso
     e, n, k = w.shape
     if threads is None:
         threads = torch.get_num_threads()
-    if min(s, e) * n * k * 4 < THREAD_MIN_BYTES:
+    if min(s, e) * n * k * w.element_size() < THREAD_MIN_BYTES:
         threads = 1
-    rc = lib.moe_expert_linear_f32(
+    rc = lib.moe_expert_linear(
         x.data_ptr(), x.stride(0), None if slot_row is None else slot_row.data_ptr(), slot_expert.data_ptr(), s,
-        w.data_ptr(), e, k, n, int(layout == "kn"), None if b is None else b.data_ptr(), out.data_ptr(),
+        w.data_ptr(), int(w.dtype == torch.bfloat16), e, k, n, int(layout == "kn"), None if b is None else b.data_ptr(), out.data_ptr(),
         max(1, int(threads)))
     if rc != 0:
         raise MemoryError(f"moe_kernels CPU kernel: could not allocate its scratch for S={s}, E={e}")
@@ -165,8 +168,9 @@ def expert_linear(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: t
 def expert_linear_reference(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor,
                             w: torch.Tensor, b: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """The pure-PyTorch twin of :func:`expert_linear` (``threads`` is ignored): a gather of
-    each slot's expert weight and a batched matmul, any dtype, differentiable."""
+    each slot's expert weight (widened to float32) and a batched matmul, differentiable."""
     e = w.shape[0]
+    w = w.float()
     rows = x if slot_row is None else x.index_select(0, slot_row.long())
     rows = rows[: slot_expert.shape[0]]
     valid = (slot_expert >= 0) & (slot_expert < e)

@@ -17,8 +17,8 @@ from moe_kernels.testing import assert_close, assert_written, poison, random_wei
 needs_kernel = pytest.mark.skipif(not ck.available(), reason=f"CPU kernel not built: {ck.unavailable_reason()}")
 
 
-def _weight(e, n, k, layout, gen):
-    w = torch.randn(e, n, k, generator=gen) / k ** 0.5
+def _weight(e, n, k, layout, gen, dtype=torch.float32):
+    w = (torch.randn(e, n, k, generator=gen) / k ** 0.5).to(dtype)
     return w.contiguous() if layout == "nk" else w.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -47,12 +47,14 @@ CASES = [
 
 
 @needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nk", "kn"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("s,e,n,k,rows,extra", CASES)
-def test_kernel_matches_twin(s, e, n, k, rows, extra, layout, bias):
+def test_kernel_matches_twin(s, e, n, k, rows, extra, layout, bias, wdtype):
+    # bfloat16 weights are widened exactly, so the float32 tolerance holds for both.
     gen = torch.Generator().manual_seed(s * 31 + e * 7 + n + k)
-    w = _weight(e, n, k, layout, gen)
+    w = _weight(e, n, k, layout, gen, wdtype)
     assert ck.kernel_layout(w) == layout
     b = torch.randn(e, n, generator=gen) if bias else None
     x = torch.randn(rows if rows is not None else s, k, generator=gen)
@@ -128,16 +130,18 @@ def test_kernel_rejects_bad_arguments():
 def test_kernel_layout_table():
     assert ck.kernel_layout(torch.empty(3, 8, 16)) == "nk"
     assert ck.kernel_layout(torch.empty(3, 16, 8).transpose(1, 2)) == "kn"
-    assert ck.kernel_layout(torch.empty(3, 8, 16, dtype=torch.bfloat16)) is None
+    assert ck.kernel_layout(torch.empty(3, 8, 16, dtype=torch.bfloat16)) == "nk"
+    assert ck.kernel_layout(torch.empty(3, 8, 16, dtype=torch.float16)) is None
+    assert ck.kernel_layout(torch.empty(3, 8, 16, dtype=torch.float64)) is None
     assert ck.kernel_layout(torch.empty(3, 8, 32)[:, :, :16]) is None
     assert ck.kernel_layout(torch.empty(8, 16)) is None
 
 
 # --------------------------------------------------------------------------- the torch backend's path
 
-def _params(e, h, i, gen, *, transposed=False, bias=False, act="swiglu"):
+def _params(e, h, i, gen, *, transposed=False, bias=False, act="swiglu", dtype=torch.float32):
     w13, w2, b13, b2 = random_weights(e, h, i, width=1 if act == "gelu" else 2, bias=bias, transposed=transposed,
-                                      generator=gen)
+                                      generator=gen, dtype=dtype)
     return expert_params(w13, w2, b13, b2, transposed=transposed, interleaved=act == "swiglu_oai", activation=act)
 
 
@@ -147,6 +151,8 @@ def _params(e, h, i, gen, *, transposed=False, bias=False, act="swiglu"):
     dict(t=5, e=7, k=2, drop=True),                                       # a dropped slot, an expert used twice
     dict(t=16, e=8, k=2, act="gelu"),                                     # a one-matrix activation, ~4 per expert
     dict(t=37, e=3, k=1, bias=True),                                      # ~12 per expert, blocks of 4 and a tail
+    dict(t=9, e=11, k=2, transposed=True, bias=True, dtype=torch.bfloat16),  # bf16 weights, biases, GPT-OSS layout
+    dict(t=1, e=5, k=2, dtype=torch.bfloat16),                               # bf16 decode
 ])
 def test_backend_kernel_path_matches_reference(case, monkeypatch):
     from moe_kernels.backends.torch.backend import TorchBackend
@@ -156,9 +162,10 @@ def test_backend_kernel_path_matches_reference(case, monkeypatch):
     monkeypatch.setattr(TorchBackend, "plan", no_plan)
     gen = torch.Generator().manual_seed(case["t"] * 3 + case["e"])
     h, i, e, t, k = 40, 36, case["e"], case["t"], case["k"]
+    dtype = case.get("dtype", torch.float32)
     params = _params(e, h, i, gen, transposed=case.get("transposed", False), bias=case.get("bias", False),
-                     act=case.get("act", "swiglu"))
-    x = torch.randn(t, h, generator=gen)
+                     act=case.get("act", "swiglu"), dtype=dtype)
+    x = torch.randn(t, h, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
     if case.get("drop"):
         ids[1, 0] = e
@@ -167,7 +174,8 @@ def test_backend_kernel_path_matches_reference(case, monkeypatch):
     with torch.no_grad():
         assert planless.planless_path(x, r, params) == "kernel"
         out = fused_experts(x, r, params, backend="torch")
-    assert_close(out, moe_reference(x, r, params), torch.float32)
+    assert out.dtype == dtype
+    assert_close(out, moe_reference(x, r, params), dtype)
 
 
 def test_kernel_path_is_chosen_from_shapes(monkeypatch):
@@ -180,7 +188,10 @@ def test_kernel_path_is_chosen_from_shapes(monkeypatch):
         x = torch.randn(16, 64)
         assert (planless.planless_path(x, r, params(8, 64, 32)) == "kernel") == ck.available()
         assert planless.planless_path(torch.randn(128, 64), big, params(8, 64, 32)) != "kernel"  # past 16 per expert
-        assert planless.planless_path(x.bfloat16(), r, params(8, 64, 32, dtype=torch.bfloat16)) != "kernel"
+        assert ((planless.planless_path(x.bfloat16(), r, params(8, 64, 32, dtype=torch.bfloat16)) == "kernel")
+                == ck.available())
+        assert planless.planless_path(x.half(), r, params(8, 64, 32, dtype=torch.half)) != "kernel"
+        assert planless.planless_path(x.bfloat16(), r, params(8, 64, 32)) != "kernel"  # mixed dtypes: libraries
         monkeypatch.setattr(ck, "_load", lambda: (None, "not built (test)"))
         assert not ck.available() and ck.unavailable_reason() == "not built (test)"
         assert planless.planless_path(x, r, params(8, 64, 32)) != "kernel"

@@ -20,7 +20,8 @@
 
    Weight layouts (both contiguous): "nk" W is [E, N, K] (PyTorch's Linear layout: each
    output column is a contiguous row of K), "kn" W is [E, K, N] (stored transposed, as
-   GPT-OSS does: each k is a contiguous row of N).
+   GPT-OSS does: each k is a contiguous row of N); float32, or bfloat16 widened to float32
+   as it loads (half the bytes to stream). x, the bias and out are float32.
 
    Determinism: every output element is reduced in an order fixed by K, ROWS and LANES
    alone, never by the thread count or the slot order: the same inputs give bitwise the
@@ -65,7 +66,8 @@
 typedef struct {
     const float *x;          /* [*, K] input rows, row stride ldx */
     int64_t ldx;
-    const float *w;          /* [E, N, K] (nk) or [E, K, N] (kn) */
+    const void *w;           /* [E, N, K] (nk) or [E, K, N] (kn), float32 or bfloat16 */
+    int64_t w_bf16;
     const float *bias;       /* [E, N] or NULL */
     float *out;              /* [S, N] contiguous */
     int64_t K, N, kn;
@@ -76,10 +78,29 @@ typedef struct {
     int64_t n0, n1;          /* this thread's output columns */
 } job_t;
 
+/* Weights are float32 (BF = 0) or bfloat16 (BF = 1, widened to float32 as they load:
+   the upper half of a float32). BF is a constant in every call, so each block is
+   compiled once per weight type. */
+static inline __attribute__((always_inline)) const void *w_at(const void *w, int64_t i, int BF)
+{
+    return (const char *)w + i * (BF ? 2 : 4);
+}
+
+static inline __attribute__((always_inline)) float w_load(const void *w, int64_t i, int BF)
+{
+    if (BF) {
+        const uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &u, sizeof(f));
+        return f;
+    }
+    return ((const float *)w)[i];
+}
+
 /* kn: R slots x output columns [nb, nb + nn) of expert weight we [K, N]. The column loop
    is contiguous in both the weight row and the accumulators: it vectorizes as written. */
 static inline __attribute__((always_inline)) void
-kn_block(int R, const float *const *xr, const float *we, const float *be, int64_t K, int64_t N,
+kn_block(int R, int BF, const float *const *xr, const void *we, const float *be, int64_t K, int64_t N,
          int64_t nb, int64_t nn, float *const *outr)
 {
     float acc[ROWS][NTILE] __attribute__((aligned(64)));
@@ -87,13 +108,13 @@ kn_block(int R, const float *const *xr, const float *we, const float *be, int64_
         for (int64_t j = 0; j < nn; j++)
             acc[r][j] = be ? be[nb + j] : 0.0f;
     for (int64_t k = 0; k < K; k++) {
-        const float *wk = we + k * N + nb;
-        for (int64_t j = 0; j < nn; j += 16)
-            __builtin_prefetch(wk + PREFETCH_ROWS * N + j, 0, 0);
+        const void *wk = w_at(we, k * N + nb, BF);
+        for (int64_t j = 0; j < nn; j += BF ? 32 : 16) /* one 64-byte line each */
+            __builtin_prefetch(w_at(wk, PREFETCH_ROWS * N + j, BF), 0, 0);
         for (int r = 0; r < R; r++) {
             const float s = xr[r][k];
             for (int64_t j = 0; j < nn; j++)
-                acc[r][j] += s * wk[j];
+                acc[r][j] += s * w_load(wk, j, BF);
         }
     }
     for (int r = 0; r < R; r++)
@@ -105,16 +126,25 @@ kn_block(int R, const float *const *xr, const float *we, const float *be, int64_
    width the clone has), the K % LANES tail through zero-padded copies, then the lanes
    summed in a fixed tree. */
 typedef float vec_t __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint16_t half_vec_t __attribute__((vector_size(LANES * sizeof(uint16_t))));
+typedef uint32_t bits_vec_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
 
-static inline __attribute__((always_inline)) vec_t load_vec(const float *p)
+static inline __attribute__((always_inline)) vec_t load_vec(const void *p, int BF)
 {
     vec_t v;
-    memcpy(&v, p, sizeof(v)); /* an unaligned vector load */
+    if (BF) {
+        half_vec_t h;
+        memcpy(&h, p, sizeof(h));
+        const bits_vec_t u = __builtin_convertvector(h, bits_vec_t) << 16;
+        memcpy(&v, &u, sizeof(v));
+    } else {
+        memcpy(&v, p, sizeof(v)); /* an unaligned vector load */
+    }
     return v;
 }
 
 static inline __attribute__((always_inline)) void
-nk_block(int R, int C, const float *const *xr, const float *we, const float *be, int64_t K, int64_t n,
+nk_block(int R, int C, int BF, const float *const *xr, const void *we, const float *be, int64_t K, int64_t n,
          float *const *outr)
 {
     vec_t acc[ROWS][COLS];
@@ -125,10 +155,10 @@ nk_block(int R, int C, const float *const *xr, const float *we, const float *be,
     for (int64_t k = 0; k < kv; k += LANES) {
         vec_t xv[ROWS];
         for (int r = 0; r < R; r++)
-            xv[r] = load_vec(xr[r] + k);
+            xv[r] = load_vec(xr[r] + k, 0);
         for (int c = 0; c < C; c++) {
-            const vec_t wv = load_vec(we + (n + c) * K + k);
-            __builtin_prefetch(we + (n + c + PREFETCH_COLS) * K + k, 0, 0);
+            const vec_t wv = load_vec(w_at(we, (n + c) * K + k, BF), BF);
+            __builtin_prefetch(w_at(we, (n + c + PREFETCH_COLS) * K + k, BF), 0, 0);
             for (int r = 0; r < R; r++)
                 acc[r][c] += xv[r] * wv;
         }
@@ -139,12 +169,12 @@ nk_block(int R, int C, const float *const *xr, const float *we, const float *be,
         for (int r = 0; r < R; r++) {
             memset(pad, 0, sizeof(pad));
             memcpy(pad, xr[r] + kv, (size_t)(K - kv) * sizeof(float));
-            xv[r] = load_vec(pad);
+            xv[r] = load_vec(pad, 0);
         }
         for (int c = 0; c < C; c++) {
             memset(pad, 0, sizeof(pad));
-            memcpy(pad, we + (n + c) * K + kv, (size_t)(K - kv) * sizeof(float));
-            const vec_t wv = load_vec(pad);
+            memcpy(pad, w_at(we, (n + c) * K + kv, BF), (size_t)(K - kv) * (BF ? 2 : 4));
+            const vec_t wv = load_vec(pad, BF);
             for (int r = 0; r < R; r++)
                 acc[r][c] += xv[r] * wv;
         }
@@ -160,28 +190,37 @@ nk_block(int R, int C, const float *const *xr, const float *we, const float *be,
         }
 }
 
-/* R (1..ROWS) slots of one expert over this thread's columns; R and C are constants in
-   each call below, so every block is compiled for its exact shape. */
+/* R (1..ROWS) slots of one expert over this thread's columns; R, C and BF are constants
+   in each call below, so every block is compiled for its exact shape and weight type. */
 static inline __attribute__((always_inline)) void
-slots_block(int R, const job_t *j, const float *const *xr, const float *we, const float *be, float *const *outr)
+slots_block(int R, int BF, const job_t *j, const float *const *xr, const void *we, const float *be,
+            float *const *outr)
 {
     if (j->kn) {
         for (int64_t nb = j->n0; nb < j->n1; nb += NTILE)
-            kn_block(R, xr, we, be, j->K, j->N, nb, j->n1 - nb < NTILE ? j->n1 - nb : NTILE, outr);
+            kn_block(R, BF, xr, we, be, j->K, j->N, nb, j->n1 - nb < NTILE ? j->n1 - nb : NTILE, outr);
     } else {
         int64_t n = j->n0;
         for (; n + COLS <= j->n1; n += COLS)
-            nk_block(R, COLS, xr, we, be, j->K, n, outr);
+            nk_block(R, COLS, BF, xr, we, be, j->K, n, outr);
         for (; n < j->n1; n++)
-            nk_block(R, 1, xr, we, be, j->K, n, outr);
+            nk_block(R, 1, BF, xr, we, be, j->K, n, outr);
     }
 }
+
+#define SLOTS_BLOCK(R)                                          \
+    do {                                                        \
+        if (j->w_bf16)                                          \
+            slots_block(R, 1, j, xr, we, be, outr);             \
+        else                                                    \
+            slots_block(R, 0, j, xr, we, be, outr);             \
+    } while (0)
 
 CLONES static void run_job(const job_t *j)
 {
     const int64_t K = j->K, N = j->N;
     for (int64_t e = 0; e < j->E; e++) {
-        const float *we = j->w + e * N * K;
+        const void *we = (const char *)j->w + e * N * K * (j->w_bf16 ? 2 : 4);
         const float *be = j->bias ? j->bias + e * N : NULL;
         for (int64_t p = j->start[e]; p < j->start[e + 1]; p += ROWS) {
             const int64_t left = j->start[e + 1] - p;
@@ -194,10 +233,10 @@ CLONES static void run_job(const job_t *j)
                 outr[r] = j->out + s * N;
             }
             switch (R) {
-            case 1: slots_block(1, j, xr, we, be, outr); break;
-            case 2: slots_block(2, j, xr, we, be, outr); break;
-            case 3: slots_block(3, j, xr, we, be, outr); break;
-            default: slots_block(4, j, xr, we, be, outr); break;
+            case 1: SLOTS_BLOCK(1); break;
+            case 2: SLOTS_BLOCK(2); break;
+            case 3: SLOTS_BLOCK(3); break;
+            default: SLOTS_BLOCK(4); break;
             }
         }
     }
@@ -259,9 +298,9 @@ static int run_on_openmp(const job_t *jobs, int64_t nt)
 }
 
 /* Returns 0, or -1 when the scratch could not be allocated (nothing written). */
-API int moe_expert_linear_f32(const float *x, int64_t ldx, const int32_t *slot_row, const int32_t *slot_expert,
-                              int64_t S, const float *w, int64_t E, int64_t K, int64_t N, int64_t kn,
-                              const float *bias, float *out, int64_t nthreads)
+API int moe_expert_linear(const float *x, int64_t ldx, const int32_t *slot_row, const int32_t *slot_expert,
+                          int64_t S, const void *w, int64_t w_bf16, int64_t E, int64_t K, int64_t N, int64_t kn,
+                          const float *bias, float *out, int64_t nthreads)
 {
     /* start [E + 1], fill [E], order [S] */
     int64_t *start = malloc((2 * (size_t)E + 1 + (size_t)S) * sizeof(int64_t));
@@ -296,7 +335,7 @@ API int moe_expert_linear_f32(const float *x, int64_t ldx, const int32_t *slot_r
         nt = 1;
     job_t jobs[MAX_THREADS];
     for (int64_t t = 0; t < nt; t++) {
-        const job_t j = {x, ldx, w, bias, out, K, N, kn, slot_row, order, start, E, t * per,
+        const job_t j = {x, ldx, w, w_bf16, bias, out, K, N, kn, slot_row, order, start, E, t * per,
                          (t + 1) * per < N ? (t + 1) * per : N};
         jobs[t] = j;
     }
@@ -318,7 +357,7 @@ API int moe_expert_linear_f32(const float *x, int64_t ldx, const int32_t *slot_r
 }
 
 /* The ABI version moe_kernels/cpu_kernel.py expects: bump on any signature change. */
-API int moe_cpu_kernels_abi(void) { return 1; }
+API int moe_cpu_kernels_abi(void) { return 2; }
 
 /* 1 when calls with threads run on the process's OpenMP pool (libgomp loaded), 0 when
    on pthreads started per call. */

@@ -6,7 +6,7 @@ each torch call and each line of Python, weighs as much as the matmuls at decode
 several percent past it. For token-major routings at inference (and, for ``"gather"``,
 in training too) four paths run straight from the routing:
 
-* ``"kernel"``: inference in float32 with the compiled CPU kernel built
+* ``"kernel"``: inference in float32 or bfloat16 with the compiled CPU kernel built
   (:mod:`moe_kernels.cpu_kernel`), at most ``KERNEL_MAX_ROWS_PER_EXPERT`` slots per
   expert on average: two kernel calls (each groups the slots by expert itself, reads
   each active expert's weight once per 4 slots at memory speed and writes slot order)
@@ -114,11 +114,12 @@ def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tupl
 
 
 def kernel_applies(x: torch.Tensor, params: ExpertParams) -> bool:
-    """Whether the compiled CPU kernel takes these inputs: float32 on the CPU, weights in
-    a layout it reads (:func:`~moe_kernels.cpu_kernel.kernel_layout`), and it was built."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1
+    """Whether the compiled CPU kernel takes these inputs: float32 or bfloat16 on the CPU,
+    weights of ``x``'s dtype in a layout it reads
+    (:func:`~moe_kernels.cpu_kernel.kernel_layout`), and it was built."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and params.w13.dtype == x.dtype and params.w2.dtype == x.dtype
             and cpu_kernel.kernel_layout(params.w13) is not None and cpu_kernel.kernel_layout(params.w2) is not None
-            and all(b is None or (b.dtype == torch.float32 and b.is_contiguous()) for b in (params.b13, params.b2))
             and cpu_kernel.available())
 
 
@@ -155,12 +156,13 @@ def experts_planless(x: torch.Tensor, slots, params: ExpertParams,
 def _kernel(x: torch.Tensor, slots, params: ExpertParams) -> torch.Tensor:
     """Weighted slot outputs [S, H] (float32) by two calls of the compiled kernel. A
     dropped slot's rows come out zero from both (every activation and post-expert norm
-    maps a zero row to zero), times its zero weight."""
+    maps a zero row to zero), times its zero weight. bfloat16 weights: the rows and
+    biases in float32 (small), the weights widened inside the kernel."""
     expert = slots.slot_expert.contiguous()
-    h13 = cpu_kernel.expert_linear(x, slots.slot_token.contiguous(), expert, params.w13, params.b13)
+    b13, b2 = (None if b is None else b.float().contiguous() for b in (params.b13, params.b2))
+    h13 = cpu_kernel.expert_linear(x.float().contiguous(), slots.slot_token.contiguous(), expert, params.w13, b13)
     hidden = apply_activation(h13, params.activation, params.interleaved).contiguous()
-    y = apply_post_norm(cpu_kernel.expert_linear(hidden, None, expert, params.w2, params.b2),
-                        params.post_norm)
+    y = apply_post_norm(cpu_kernel.expert_linear(hidden, None, expert, params.w2, b2), params.post_norm)
     return y * slots.slot_weight.to(torch.float32).unsqueeze(1)
 
 
