@@ -183,11 +183,21 @@ def test_kernel_path_is_chosen_from_shapes(monkeypatch):
         return expert_params(torch.empty(e, 2 * i, h, **kw), torch.empty(e, h, i, **kw))
 
     r = softmax_topk(torch.randn(16, 8), top_k=2)          # 32 slots, 4 per expert
-    big = softmax_topk(torch.randn(128, 8), top_k=2)       # 256 slots, 32 per expert
+    on = ck.available()
     with torch.no_grad():
         x = torch.randn(16, 64)
-        assert (planless.planless_path(x, r, params(8, 64, 32)) == "kernel") == ck.available()
-        assert planless.planless_path(torch.randn(128, 64), big, params(8, 64, 32)) != "kernel"  # past 16 per expert
+        assert (planless.planless_path(x, r, params(8, 64, 32)) == "kernel") == on
+        # Rows per expert: float32 up to 32, bfloat16 up to 16, on experts past KERNEL_SMALL_WEIGHT.
+        large = params(8, 256, 128)                         # w13: 256 x 256 = 64K elements
+        assert 256 * 256 > planless.KERNEL_SMALL_WEIGHT
+        for t, dtype, want in ((128, torch.float32, on), (129, torch.float32, False),
+                               (64, torch.bfloat16, on), (65, torch.bfloat16, False)):
+            rt = softmax_topk(torch.randn(t, 8), top_k=2)   # 2t slots: 2t/8 per expert
+            p = large if dtype == torch.float32 else params(8, 256, 128, dtype=dtype)
+            assert (planless.planless_path(torch.randn(t, 256, dtype=dtype), rt, p) == "kernel") == want, (t, dtype)
+        # Small experts (64 x 64 here) at any row count: 512 rows per expert.
+        many = softmax_topk(torch.randn(2048, 8), top_k=2)
+        assert (planless.planless_path(torch.randn(2048, 64), many, params(8, 64, 32)) == "kernel") == on
         assert ((planless.planless_path(x.bfloat16(), r, params(8, 64, 32, dtype=torch.bfloat16)) == "kernel")
                 == ck.available())
         assert planless.planless_path(x.half(), r, params(8, 64, 32, dtype=torch.half)) != "kernel"

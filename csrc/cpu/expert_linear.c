@@ -44,7 +44,7 @@
 #define ROWS 4      /* slots sharing each weight load */
 #define NTILE 512   /* kn: output columns per accumulator tile, ROWS x 2 KiB in L1 */
 #define LANES 16    /* nk: independent partial sums per dot product (one 512-bit vector) */
-#define COLS 4      /* nk: output columns computed together (ROWS x COLS x LANES sums) */
+#define COLS 4      /* nk: output columns computed together (ROWS x COLS = LANES vectors of sums) */
 /* Software prefetch distance, in weight rows ahead of the one being read: the hardware
    prefetcher alone left one core at 12-20 GB/s on cold weights; this about doubles it
    (measured, both layouts). A prefetch past the weight's end never faults. */
@@ -124,7 +124,7 @@ kn_block(int R, int BF, const float *const *xr, const void *we, const float *be,
 /* nk: R slots x C output columns starting at n of expert weight we [N, K]: LANES partial
    sums per (slot, column) in one vector each (GCC vector extensions: lowered to whatever
    width the clone has), the K % LANES tail through zero-padded copies, then the lanes
-   summed in a fixed tree. */
+   summed in a fixed tree (reduce_lanes). */
 typedef float vec_t __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint16_t half_vec_t __attribute__((vector_size(LANES * sizeof(uint16_t))));
 typedef uint32_t bits_vec_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
@@ -141,6 +141,30 @@ static inline __attribute__((always_inline)) vec_t load_vec(const void *p, int B
         memcpy(&v, p, sizeof(v)); /* an unaligned vector load */
     }
     return v;
+}
+
+/* The lanes of each of 16 vectors summed by one fixed tree (lane l + lane l + 8, then
+   + 4, + 2, + 1), lane i of the result the sum of v[i]. Done on pairs of vectors at each
+   level (two shuffles and an add for two vectors' halves), 45 vector operations for 16
+   sums instead of 15 scalar adds each: at small K the reduction costs as much as the
+   dot products. Every sum takes the same tree whatever the block's shape: bitwise the
+   same result for a slot in any block. */
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+_Static_assert(LANES == 16 && ROWS * COLS == LANES, "reduce_lanes sums 16 vectors of 16 lanes");
+static inline __attribute__((always_inline)) vec_t reduce_lanes(const vec_t *v)
+{
+    vec_t l1[8], l2[4], l3[2];
+    for (int i = 0; i < 8; i++)
+        l1[i] = SHUF(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+              + SHUF(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        l2[i] = SHUF(l1[2 * i], l1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+              + SHUF(l1[2 * i], l1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        l3[i] = SHUF(l2[2 * i], l2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+              + SHUF(l2[2 * i], l2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUF(l3[0], l3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + SHUF(l3[0], l3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 static inline __attribute__((always_inline)) void
@@ -179,15 +203,16 @@ nk_block(int R, int C, int BF, const float *const *xr, const void *we, const flo
                 acc[r][c] += xv[r] * wv;
         }
     }
+    vec_t all[ROWS * COLS];
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++)
+            all[r * COLS + c] = r < R && c < C ? acc[r][c] : (vec_t){0};
+    float sums[LANES];
+    const vec_t total = reduce_lanes(all);
+    memcpy(sums, &total, sizeof(sums));
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            float a[LANES];
-            memcpy(a, &acc[r][c], sizeof(a));
-            for (int h = LANES / 2; h >= 1; h /= 2)
-                for (int l = 0; l < h; l++)
-                    a[l] += a[l + h];
-            outr[r][n + c] = a[0] + (be ? be[n + c] : 0.0f);
-        }
+        for (int c = 0; c < C; c++)
+            outr[r][n + c] = sums[r * COLS + c] + (be ? be[n + c] : 0.0f);
 }
 
 /* R (1..ROWS) slots of one expert over this thread's columns; R, C and BF are constants

@@ -8,11 +8,12 @@ in training too) four paths run straight from the routing:
 
 * ``"kernel"``: inference in float32 or bfloat16 with the compiled CPU kernel built
   (:mod:`moe_kernels.cpu_kernel`), at most ``KERNEL_MAX_ROWS_PER_EXPERT`` slots per
-  expert on average: two kernel calls (each groups the slots by expert itself, reads
-  each active expert's weight once per 4 slots at memory speed and writes slot order)
-  and the activation between them. No plan, sort, gather or host read; 2-4x faster
-  than the library matmuls at 1-8 rows per expert. Past that the libraries' blocked
-  matmuls win and the paths below run.
+  expert on average (or any number on small experts, ``KERNEL_SMALL_WEIGHT``): two
+  kernel calls (each groups the slots by expert itself, reads each active expert's
+  weight once per 4 slots at memory speed and writes slot order) and the activation
+  between them. No plan, sort, gather or host read; 1.5-3x faster than the library
+  matmuls at 1-16 rows per expert. Past that the libraries' blocked matmuls win and
+  the paths below run.
 
 * ``"slot_order"``: at most ``SLOT_ORDER_MAX_SLOTS`` slots whose weights are over
   ``GATHER_SMALL_BYTES``, inference only (no autograd node is built): each slot a
@@ -52,7 +53,8 @@ from ...primitives import combine_slots, grouped_method, grouped_mm_rows
 from ...segment_matmul import segment_form, segment_linear
 from ... import cpu_kernel
 
-__all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "KERNEL_MAX_ROWS_PER_EXPERT", "SLOT_ORDER_MAX_SLOTS",
+__all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "KERNEL_MAX_ROWS_PER_EXPERT", "KERNEL_SMALL_WEIGHT",
+           "SLOT_ORDER_MAX_SLOTS",
            "planless_path", "experts_planless"]
 
 # The gathered copy has to stay in the last-level cache for the bmm to read it warm (and
@@ -64,9 +66,14 @@ __all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "KERNEL_MAX_ROWS_PER_EXPERT
 GATHER_MAX_BYTES = 16 << 20
 GATHER_SMALL_BYTES = 2 << 20
 SLOT_ORDER_MAX_SLOTS = 8
-# The kernel's register blocks are 4 slots wide and re-read the weight from cache per
-# block; the libraries' packed matmuls overtake it at about this many rows per expert.
-KERNEL_MAX_ROWS_PER_EXPERT = 16
+# Where the compiled kernel beats the libraries' blocked matmuls (cold weights, 1 and 2
+# threads): up to this many slots per expert on average (float32: 32 measured 0.8x the
+# library path at Mixtral T = 128, 64 rows measured 1.3x; bfloat16, where oneDNN's bf16
+# dot products double the libraries' compute rate: 16), and at any count for experts of
+# at most KERNEL_SMALL_WEIGHT elements (w13), whose matmuls are too small for the
+# libraries' packing to pay (OLMoE at 256 rows per expert: 0.65x).
+KERNEL_MAX_ROWS_PER_EXPERT = {torch.float32: 32, torch.bfloat16: 16}
+KERNEL_SMALL_WEIGHT = 32 * 1024
 # Tests pin "kernel", "gather", "slot_order", "grouped" or "segments" (the plan's path) here.
 _forced_path: str | None = None
 
@@ -98,7 +105,9 @@ def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tupl
     w13, w2 = params.w13, params.w2
     total = s * (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     inference = not _compiling() and not _records_grad(x, params, slots.slot_weight)
-    if inference and s <= KERNEL_MAX_ROWS_PER_EXPERT * params.num_experts and kernel_applies(x, params):
+    if inference and kernel_applies(x, params) and (
+            s <= KERNEL_MAX_ROWS_PER_EXPERT[x.dtype] * params.num_experts
+            or w13.shape[1] * w13.shape[2] <= KERNEL_SMALL_WEIGHT):
         return "kernel", None
     if inference and s <= SLOT_ORDER_MAX_SLOTS and total > GATHER_SMALL_BYTES:
         return "slot_order", None
