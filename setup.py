@@ -1,6 +1,6 @@
 """Build of the CPU kernels and the optional CUDA extension (package metadata: pyproject.toml).
 
-``moe_kernels._cpu_kernels`` (csrc/cpu/, plain C, about a second): always built, with
+``moe_kernels._cpu_kernels`` (csrc/cpu/, plain C, about 10 s): always built, with
 the C compiler Python was built with (``CC`` overrides); loaded with ctypes, so it needs
 no Python or torch headers. Without a working compiler the install goes on without it
 and the torch backend keeps to its library paths (moe_kernels/cpu_kernel.py says why).

@@ -11,9 +11,10 @@ No sort, gather or host read is left to the caller: the torch backend's ``"kerne
 path (:mod:`moe_kernels.backends.torch.planless`) is two calls and the activation.
 
 Three layers, as for every op: :func:`expert_linear_into` writes into a given buffer,
-:func:`expert_linear` allocates, :func:`expert_linear_reference` is the pure-PyTorch twin
-with the same signature. Forward only: nothing here records autograd (the torch backend
-takes it at inference; training keeps the differentiable paths).
+:func:`expert_linear` allocates (an opaque custom op under ``torch.compile``),
+:func:`expert_linear_reference` is the pure-PyTorch twin with the same signature. Forward
+only: nothing here records autograd (the torch backend takes it at inference, eager or
+compiled; training keeps the differentiable paths).
 
 Scope: CPU, contiguous float32 or bfloat16 weights in either layout the package stores
 (``[E, N, K]``, or ``[E, K, N]`` viewed transposed, as GPT-OSS keeps w13); float32 input
@@ -37,6 +38,8 @@ import functools
 from pathlib import Path
 
 import torch
+
+from ._checks import _compiling
 
 __all__ = ["THREAD_MIN_BYTES", "available", "unavailable_reason", "threading_model", "kernel_layout", "expert_linear_into",
            "expert_linear", "expert_linear_reference"]
@@ -69,8 +72,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the compiled CPU kernel is present and loads."""
+    """Whether the compiled CPU kernel is present and loads (a constant under
+    ``torch.compile``, which then sees no ctypes)."""
     return _load()[0] is not None
 
 
@@ -160,9 +165,26 @@ def expert_linear_into(out: torch.Tensor, x: torch.Tensor, slot_row: torch.Tenso
 
 def expert_linear(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor, w: torch.Tensor,
                   b: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
-    """:func:`expert_linear_into` into a new ``[S, N]`` float32 tensor."""
+    """:func:`expert_linear_into` into a new ``[S, N]`` float32 tensor. Under
+    ``torch.compile`` it runs as the opaque custom op ``moe_kernels::cpu_expert_linear``
+    (eager calls skip the op's dispatch: at decode it would cost as much as a layer's
+    glue)."""
+    if _compiling():
+        return _expert_linear_op(x, slot_row, slot_expert, w, b)
     out = torch.empty(slot_expert.shape[0], w.shape[1], dtype=torch.float32)
     return expert_linear_into(out, x, slot_row, slot_expert, w, b, threads)
+
+
+@torch.library.custom_op("moe_kernels::cpu_expert_linear", mutates_args=())
+def _expert_linear_op(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor, w: torch.Tensor,
+                      b: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty(slot_expert.shape[0], w.shape[1], dtype=torch.float32)
+    return expert_linear_into(out, x, slot_row, slot_expert, w, b)
+
+
+@_expert_linear_op.register_fake
+def _(x, slot_row, slot_expert, w, b):
+    return x.new_empty(slot_expert.shape[0], w.shape[1], dtype=torch.float32)
 
 
 def expert_linear_reference(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor,

@@ -222,3 +222,28 @@ def test_missing_library_says_why(monkeypatch):
     with torch.no_grad():
         assert planless.planless_path(x, r, params) != "kernel"
         assert_close(fused_experts(x, r, params, backend="torch"), moe_reference(x, r, params), torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_traces_under_compile(dtype):
+    # fullgraph: the kernel is an opaque custom op (fake: shape only) and the path choice
+    # reads no ctypes; compiled inference runs the same kernel as eager, bitwise.
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(21)
+    params = _params(6, 40, 36, gen, bias=True, dtype=dtype)
+    x = torch.randn(5, 40, generator=gen).to(dtype)
+    r = softmax_topk(torch.randn(5, 6, generator=gen), top_k=2)
+
+    def run(x, slot_token, slot_expert, slot_weight):
+        rr = Routing(slot_token, slot_expert, slot_weight, r.num_tokens, r.num_experts, r.max_slots_per_token,
+                     top_k=r.top_k)
+        return fused_experts(x, rr, params, backend="torch")
+
+    with torch.no_grad():
+        assert planless.planless_path(x, r, params) == "kernel"
+        eager = run(x, r.slot_token, r.slot_expert, r.slot_weight)
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(x, r.slot_token, r.slot_expert,
+                                                                           r.slot_weight)
+    assert torch.equal(compiled, eager)
+    assert_close(eager, moe_reference(x, r, params), dtype)

@@ -29,7 +29,7 @@
    instruction set of the clone the CPU selects, so results may differ across machines in
    the last bits (as BLAS results do).
 
-   Plain C99 with no Python or torch headers: built in about a second by setup.py and
+   Plain C99 with no Python or torch headers: built in about 10 s by setup.py and
    loaded with ctypes (moe_kernels/cpu_kernel.py), so it ties to no torch or Python ABI.
    Index arithmetic is 64-bit throughout. */
 

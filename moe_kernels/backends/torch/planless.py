@@ -104,11 +104,13 @@ def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tupl
         return None, None
     w13, w2 = params.w13, params.w2
     total = s * (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
-    inference = not _compiling() and not _records_grad(x, params, slots.slot_weight)
-    if inference and kernel_applies(x, params) and (
+    no_grad = not _records_grad(x, params, slots.slot_weight)
+    # The kernel traces as an opaque custom op: compiled inference takes it as eager does.
+    if no_grad and kernel_applies(x, params) and (
             s <= KERNEL_MAX_ROWS_PER_EXPERT[x.dtype] * params.num_experts
             or w13.shape[1] * w13.shape[2] <= KERNEL_SMALL_WEIGHT):
         return "kernel", None
+    inference = no_grad and not _compiling()
     if inference and s <= SLOT_ORDER_MAX_SLOTS and total > GATHER_SMALL_BYTES:
         return "slot_order", None
     # Training: the gathered copies' gradient is one dense [S, N, K] per weight, then an
