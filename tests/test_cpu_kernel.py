@@ -247,3 +247,16 @@ def test_kernel_path_traces_under_compile(dtype):
                                                                            r.slot_weight)
     assert torch.equal(compiled, eager)
     assert_close(eager, moe_reference(x, r, params), dtype)
+
+
+def test_info_reports_the_kernel(capsys, monkeypatch):
+    import argparse
+
+    from moe_kernels.cli import cmd_info
+
+    assert cmd_info(argparse.Namespace()) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("CPU kernel"))
+    assert ("built (" in line) == ck.available()
+    monkeypatch.setattr(ck, "_load", lambda: (None, "not built (test)"))
+    assert cmd_info(argparse.Namespace()) == 0
+    assert "CPU kernel  not available: not built (test)" in capsys.readouterr().out
