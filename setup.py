@@ -387,8 +387,20 @@ class BuildExt(build_ext):
                     stale.unlink()
 
     def copy_extensions_to_source(self) -> None:
-        """--inplace / editable installs: the module and, next to it, its variant file."""
-        super().copy_extensions_to_source()
+        """--inplace / editable installs: the module and, next to it, its variant file (a
+        CPU library that failed to build is left out, and any older copy removed)."""
+        failed = getattr(self, "_failed", [])
+        for ext in failed:
+            stale = Path(self.get_finalized_command("build_py").get_package_dir("moe_kernels"),
+                         Path(self.get_ext_filename(ext.name)).name)
+            if stale.exists():
+                print(f"moe_kernels: removing {stale} from an earlier build", flush=True)
+                stale.unlink()
+        built, self.extensions = self.extensions, [e for e in self.extensions if e not in failed]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = built
         build_py = self.get_finalized_command("build_py")
         for ext in (e for e in self.extensions if isinstance(e, CMakeExtension)):
             built = Path(self.build_lib, *ext.name.split(".")[:-1], VARIANT_FILE)
@@ -447,6 +459,7 @@ class BuildExt(build_ext):
         except (OSError, subprocess.CalledProcessError) as err:
             if output.exists():
                 output.unlink()
+            self._failed = [*getattr(self, "_failed", []), ext]
             print(f"moe_kernels: could not build the CPU kernels ({err}); installing without them: the torch "
                   f"backend will use its library paths only", flush=True)
             return
