@@ -53,7 +53,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import cpu_kernel
 
     if cpu_kernel.available():
-        print(f"CPU kernel  built ({cpu_kernel.threading_model()} threads): the torch backend's CPU inference path (float32, bfloat16)")
+        print(f"CPU kernel  built ({cpu_kernel.threading_model()} threads): the torch backend's CPU inference "
+              f"path (float32, bfloat16)")
     else:
         print(f"CPU kernel  not available: {cpu_kernel.unavailable_reason()}")
     if torch.cuda.is_available():

@@ -41,8 +41,8 @@ import torch
 
 from ._checks import _compiling
 
-__all__ = ["THREAD_MIN_BYTES", "available", "unavailable_reason", "threading_model", "kernel_layout", "expert_linear_into",
-           "expert_linear", "expert_linear_reference"]
+__all__ = ["THREAD_MIN_BYTES", "available", "unavailable_reason", "threading_model", "kernel_layout",
+           "expert_linear_into", "expert_linear", "expert_linear_reference"]
 
 _ABI = 2  # csrc/cpu/expert_linear.c: moe_cpu_kernels_abi()
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -106,11 +106,14 @@ def kernel_layout(w: torch.Tensor) -> str | None:
     return None
 
 
-def _check(out, x, slot_row, slot_expert, w, b) -> tuple[str, int]:
+def _check(out, x, slot_row, slot_expert, w, b) -> str:
+    """Every argument of :func:`expert_linear_into`, or a ValueError naming it; returns
+    the layout of ``w``."""
     layout = kernel_layout(w)
     if layout is None:
         raise ValueError(f"w: expected a float32 or bfloat16 CPU [E, N, K] tensor stored contiguously as "
-                         f"[E, N, K] or [E, K, N], got {w.dtype} on {w.device}, shape {tuple(w.shape)}, strides {w.stride()}")
+                         f"[E, N, K] or [E, K, N], got {w.dtype} on {w.device}, shape {tuple(w.shape)}, "
+                         f"strides {w.stride()}")
     e, n, k = w.shape
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"x: expected a float32 CPU [rows, {k}] tensor with unit column stride, got {x.dtype} "
@@ -130,7 +133,7 @@ def _check(out, x, slot_row, slot_expert, w, b) -> tuple[str, int]:
     if out.dtype != torch.float32 or tuple(out.shape) != (s, n) or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous float32 [{s}, {n}] tensor, got {out.dtype} "
                          f"shape {tuple(out.shape)}")
-    return layout, s
+    return layout
 
 
 def expert_linear_into(out: torch.Tensor, x: torch.Tensor, slot_row: torch.Tensor | None,
@@ -142,37 +145,47 @@ def expert_linear_into(out: torch.Tensor, x: torch.Tensor, slot_row: torch.Tenso
     ``out`` [S, N] float32 contiguous; ``x`` [rows, K] float32, unit column stride;
     ``slot_row`` [S] int32 (rows of ``x``; None: slot ``s`` reads row ``s``);
     ``slot_expert`` [S] int32; ``w`` [E, N, K] float32 or bfloat16 (see
-    :func:`kernel_layout`); ``b`` [E, N] float32 or None; ``threads``: at most this many (default ``torch.get_num_threads()``), used
-    from :data:`THREAD_MIN_BYTES` of weights on. Row indices are not range-checked here
-    (the :class:`~moe_kernels.routing.Routing` checks them). Returns ``out``."""
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(f"moe_kernels CPU kernel unavailable: {why}")
-    layout, s = _check(out, x, slot_row, slot_expert, w, b)
-    e, n, k = w.shape
+    :func:`kernel_layout`); ``b`` [E, N] float32 or None; ``threads``: at most this many
+    (default ``torch.get_num_threads()``), used from :data:`THREAD_MIN_BYTES` of weights
+    on. Row indices are not range-checked here (the :class:`~moe_kernels.routing.Routing`
+    checks them). Returns ``out``."""
+    if not available():
+        raise RuntimeError(f"moe_kernels CPU kernel unavailable: {unavailable_reason()}")
+    return _launch(out, x, slot_row, slot_expert, w, b, _check(out, x, slot_row, slot_expert, w, b), threads)
+
+
+def _launch(out, x, slot_row, slot_expert, w, b, layout: str, threads: int | None) -> torch.Tensor:
+    """The call itself, on arguments already checked (``layout``: :func:`kernel_layout` of ``w``)."""
+    s, (e, n, k) = slot_expert.shape[0], w.shape
     if threads is None:
         threads = torch.get_num_threads()
     if min(s, e) * n * k * w.element_size() < THREAD_MIN_BYTES:
         threads = 1
-    rc = lib.moe_expert_linear(
+    rc = _load()[0].moe_expert_linear(
         x.data_ptr(), x.stride(0), None if slot_row is None else slot_row.data_ptr(), slot_expert.data_ptr(), s,
-        w.data_ptr(), int(w.dtype == torch.bfloat16), e, k, n, int(layout == "kn"), None if b is None else b.data_ptr(), out.data_ptr(),
-        max(1, int(threads)))
+        w.data_ptr(), int(w.dtype == torch.bfloat16), e, k, n, int(layout == "kn"),
+        None if b is None else b.data_ptr(), out.data_ptr(), max(1, int(threads)))
     if rc != 0:
         raise MemoryError(f"moe_kernels CPU kernel: could not allocate its scratch for S={s}, E={e}")
     return out
 
 
 def expert_linear(x: torch.Tensor, slot_row: torch.Tensor | None, slot_expert: torch.Tensor, w: torch.Tensor,
-                  b: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
-    """:func:`expert_linear_into` into a new ``[S, N]`` float32 tensor. Under
-    ``torch.compile`` it runs as the opaque custom op ``moe_kernels::cpu_expert_linear``
-    (eager calls skip the op's dispatch: at decode it would cost as much as a layer's
+                  b: torch.Tensor | None = None, threads: int | None = None, *,
+                  layout: str | None = None) -> torch.Tensor:
+    """:func:`expert_linear_into` into a new ``[S, N]`` float32 tensor. ``layout`` (the
+    :func:`kernel_layout` of ``w``) is for callers that have validated every argument
+    already, as the torch backend has (its weights, the routing, buffers it made): the
+    per-call checks are then skipped, a few microseconds of Python per call at decode.
+    Under ``torch.compile`` it runs as the opaque custom op ``moe_kernels::cpu_expert_linear``
+    (eager calls skip the op's dispatch, which at decode would cost as much as a layer's
     glue)."""
     if _compiling():
         return _expert_linear_op(x, slot_row, slot_expert, w, b)
     out = torch.empty(slot_expert.shape[0], w.shape[1], dtype=torch.float32)
-    return expert_linear_into(out, x, slot_row, slot_expert, w, b, threads)
+    if layout is None:
+        return expert_linear_into(out, x, slot_row, slot_expert, w, b, threads)
+    return _launch(out, x, slot_row, slot_expert, w, b, layout, threads)
 
 
 @torch.library.custom_op("moe_kernels::cpu_expert_linear", mutates_args=())

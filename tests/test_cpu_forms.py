@@ -103,21 +103,16 @@ def test_no_onednn_falls_back_to_mm(monkeypatch):
 
 
 @pytest.mark.parametrize("form", sm.SEGMENT_FORMS, indirect=True)
-def test_form_bitwise_repeatable_two_threads(form):
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gen = torch.Generator().manual_seed(5)
-        e, h, i, t = 6, 64, 48, 300
-        w13, w2, b13, b2 = (v.detach() for v in _weights(e, h, i, torch.float32, True, False, gen))
-        params = expert_params(w13, w2, b13, b2)
-        x = torch.randn(t, h, generator=gen)
-        r = softmax_topk(torch.randn(t, e, generator=gen), top_k=2)
-        first = fused_experts(x, r, params, backend="torch")
-        for _ in range(8):
-            assert torch.equal(fused_experts(x, r, params, backend="torch"), first)
-    finally:
-        torch.set_num_threads(old)
+def test_form_bitwise_repeatable_two_threads(form, two_threads):
+    gen = torch.Generator().manual_seed(5)
+    e, h, i, t = 6, 64, 48, 300
+    w13, w2, b13, b2 = (v.detach() for v in _weights(e, h, i, torch.float32, True, False, gen))
+    params = expert_params(w13, w2, b13, b2)
+    x = torch.randn(t, h, generator=gen)
+    r = softmax_topk(torch.randn(t, e, generator=gen), top_k=2)
+    first = fused_experts(x, r, params, backend="torch")
+    for _ in range(8):
+        assert torch.equal(fused_experts(x, r, params, backend="torch"), first)
 
 
 def test_planless_path_is_chosen_from_shapes(monkeypatch):
@@ -233,31 +228,25 @@ def test_gather_path_training(dtype):
         tex._forced_path = None
 
 
-def test_gather_path_bitwise_repeatable_two_threads():
+def test_gather_path_bitwise_repeatable_two_threads(two_threads, monkeypatch):
     # The gathered weights' gradient is index_select's backward (index_add on the CPU):
     # with experts shared between tokens it must still give the same bits every rerun.
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    tex._forced_path = "gather"
-    try:
-        gen = torch.Generator().manual_seed(12)
-        e, h, i, t, k = 6, 48, 40, 5, 4   # 20 slots on 6 experts: every expert repeated
-        w13, w2, b13, b2 = _weights(e, h, i, torch.float32, True, False, gen)
-        params = expert_params(w13, w2, b13, b2)
-        x = torch.randn(t, h, generator=gen, requires_grad=True)
-        r = _routing(t, e, gen, k=k)
-        dout = torch.randn(t, h, generator=gen)
-        leaves = [x, w13, w2, b13, b2, r.slot_weight]
+    monkeypatch.setattr(tex, "_forced_path", "gather")
+    gen = torch.Generator().manual_seed(12)
+    e, h, i, t, k = 6, 48, 40, 5, 4   # 20 slots on 6 experts: every expert repeated
+    w13, w2, b13, b2 = _weights(e, h, i, torch.float32, True, False, gen)
+    params = expert_params(w13, w2, b13, b2)
+    x = torch.randn(t, h, generator=gen, requires_grad=True)
+    r = _routing(t, e, gen, k=k)
+    dout = torch.randn(t, h, generator=gen)
+    leaves = [x, w13, w2, b13, b2, r.slot_weight]
 
-        def run():
-            out = fused_experts(x, r, params, backend="torch")
-            return [out, *torch.autograd.grad(out, leaves, dout)]
-        first = run()
-        for _ in range(6):
-            assert all(torch.equal(a, b) for a, b in zip(first, run()))
-    finally:
-        tex._forced_path = None
-        torch.set_num_threads(old)
+    def run():
+        out = fused_experts(x, r, params, backend="torch")
+        return [out, *torch.autograd.grad(out, leaves, dout)]
+    first = run()
+    for _ in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
 
 
 @pytest.mark.parametrize("t", [1, 40])  # decode (slot order / gather) and the grouped regime (64 experts)

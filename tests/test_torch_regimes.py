@@ -84,27 +84,22 @@ def _fwd_bwd(x, r, params, dout):
 
 
 @pytest.mark.parametrize("method", METHODS, indirect=True)
-def test_bitwise_repeatable_two_threads(method):
+def test_bitwise_repeatable_two_threads(method, two_threads):
     # Many slots per expert and 2 threads: the old bias gather's backward (index_put with
     # accumulate: parallel atomics on the CPU) gave a different b2.grad between reruns.
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gen = torch.Generator().manual_seed(3)
-        e, h, i, t = 4, 32, 16, 2048
-        w13, w2, b13, b2 = weights(e, h, i, torch.float32, True, False, gen)
-        params = expert_params(w13, w2, b13, b2)
-        x = torch.randn(t, h, generator=gen, requires_grad=True)
-        r = softmax_topk(torch.randn(t, e, generator=gen), top_k=2)
-        r = Routing(r.slot_token, r.slot_expert, r.slot_weight.detach().requires_grad_(), t, e, 2, top_k=2)
-        dout = torch.randn(t, h, generator=gen)
-        first = _fwd_bwd(x, r, params, dout)
-        for _ in range(12):
-            again = _fwd_bwd(x, r, params, dout)
-            for a, b in zip(first, again):
-                assert torch.equal(a, b)
-    finally:
-        torch.set_num_threads(old)
+    gen = torch.Generator().manual_seed(3)
+    e, h, i, t = 4, 32, 16, 2048
+    w13, w2, b13, b2 = weights(e, h, i, torch.float32, True, False, gen)
+    params = expert_params(w13, w2, b13, b2)
+    x = torch.randn(t, h, generator=gen, requires_grad=True)
+    r = softmax_topk(torch.randn(t, e, generator=gen), top_k=2)
+    r = Routing(r.slot_token, r.slot_expert, r.slot_weight.detach().requires_grad_(), t, e, 2, top_k=2)
+    dout = torch.randn(t, h, generator=gen)
+    first = _fwd_bwd(x, r, params, dout)
+    for _ in range(12):
+        again = _fwd_bwd(x, r, params, dout)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
 
 
 class HostReads(torch.overrides.TorchFunctionMode):

@@ -50,12 +50,11 @@ from ..._checks import _compiling
 from ...activations import apply_activation, apply_post_norm
 from ...params import ExpertParams
 from ...primitives import combine_slots, grouped_method, grouped_mm_rows
-from ...segment_matmul import segment_form, segment_linear
 from ... import cpu_kernel
+from ...segment_matmul import segment_form, segment_linear
 
 __all__ = ["GATHER_MAX_BYTES", "GATHER_SMALL_BYTES", "KERNEL_MAX_ROWS_PER_EXPERT", "KERNEL_SMALL_WEIGHT",
-           "SLOT_ORDER_MAX_SLOTS",
-           "planless_path", "experts_planless"]
+           "SLOT_ORDER_MAX_SLOTS", "planless_path", "kernel_layouts", "experts_planless"]
 
 # The gathered copy has to stay in the last-level cache for the bmm to read it warm (and
 # is moved twice): up to 16 MiB it beat the grouped matmul's one call per expert (Qwen3
@@ -92,7 +91,8 @@ def planless_path(x: torch.Tensor, slots, params: ExpertParams, grouped: bool = 
 
 def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tuple[str | None, tuple[str, str] | None]:
     """:func:`planless_path`, and for ``"grouped"`` the grouped matmul's two methods
-    (found while choosing, so the path does not look for them again)."""
+    (found while choosing, so the path does not look for them again), for ``"kernel"``
+    the two weights' kernel layouts."""
     s = slots.slot_token.shape[0]
     if params.quant is not None or s == 0:
         return None, None
@@ -106,10 +106,10 @@ def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tupl
     total = s * (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     no_grad = not _records_grad(x, params, slots.slot_weight)
     # The kernel traces as an opaque custom op: compiled inference takes it as eager does.
-    if no_grad and kernel_applies(x, params) and (
-            s <= KERNEL_MAX_ROWS_PER_EXPERT[x.dtype] * params.num_experts
-            or w13.shape[1] * w13.shape[2] <= KERNEL_SMALL_WEIGHT):
-        return "kernel", None
+    layouts = kernel_layouts(x, params) if no_grad else None
+    if layouts is not None and (s <= KERNEL_MAX_ROWS_PER_EXPERT[x.dtype] * params.num_experts
+                                or w13.shape[1] * w13.shape[2] <= KERNEL_SMALL_WEIGHT):
+        return "kernel", layouts
     inference = no_grad and not _compiling()
     if inference and s <= SLOT_ORDER_MAX_SLOTS and total > GATHER_SMALL_BYTES:
         return "slot_order", None
@@ -124,14 +124,15 @@ def _choose(x: torch.Tensor, slots, params: ExpertParams, grouped: bool) -> tupl
     return None, None
 
 
-def kernel_applies(x: torch.Tensor, params: ExpertParams) -> bool:
-    """Whether the compiled CPU kernel takes these inputs: float32 or bfloat16 on the CPU,
-    weights of ``x``'s dtype in a layout it reads
-    (:func:`~moe_kernels.cpu_kernel.kernel_layout`), and it was built."""
-    return (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-            and params.w13.dtype == x.dtype and params.w2.dtype == x.dtype
-            and cpu_kernel.kernel_layout(params.w13) is not None and cpu_kernel.kernel_layout(params.w2) is not None
-            and cpu_kernel.available())
+def kernel_layouts(x: torch.Tensor, params: ExpertParams) -> tuple[str, str] | None:
+    """The :func:`~moe_kernels.cpu_kernel.kernel_layout` of w13 and w2 when the compiled
+    CPU kernel takes these inputs (float32 or bfloat16 on the CPU, weights of ``x``'s
+    dtype in a layout it reads, biases as the params check them, and it was built), else
+    None. Found once per call and handed to the kernel, which then checks nothing again."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or params.w13.dtype != x.dtype:
+        return None
+    layouts = (cpu_kernel.kernel_layout(params.w13), cpu_kernel.kernel_layout(params.w2))
+    return layouts if None not in layouts and params.w2.dtype == x.dtype and cpu_kernel.available() else None
 
 
 def _grouped_methods(x: torch.Tensor, params: ExpertParams, s: int) -> tuple[str, str]:
@@ -153,7 +154,7 @@ def experts_planless(x: torch.Tensor, slots, params: ExpertParams,
     if path == "grouped":
         y_slot = _grouped(x, slots, params, acc, methods)
     elif path == "kernel":
-        y_slot = _kernel(x, slots, params)
+        y_slot = _kernel(x, slots, params, methods or kernel_layouts(x, params))
     else:
         y_slot = (_gathered if path == "gather" else _slot_order)(x, slots, params, acc)
     t, h = x.shape
@@ -164,16 +165,20 @@ def experts_planless(x: torch.Tensor, slots, params: ExpertParams,
 
 # --------------------------------------------------------------------------- kernel
 
-def _kernel(x: torch.Tensor, slots, params: ExpertParams) -> torch.Tensor:
-    """Weighted slot outputs [S, H] (float32) by two calls of the compiled kernel. A
-    dropped slot's rows come out zero from both (every activation and post-expert norm
-    maps a zero row to zero), times its zero weight. bfloat16 weights: the rows and
-    biases in float32 (small), the weights widened inside the kernel."""
+def _kernel(x: torch.Tensor, slots, params: ExpertParams, layouts: tuple[str, str]) -> torch.Tensor:
+    """Weighted slot outputs [S, H] (float32) by two calls of the compiled kernel, on
+    arguments validated once (``layouts``: :func:`kernel_layouts`; the routing's and the
+    params' own checks; tensors made here). A dropped slot's rows come out zero from both
+    (every activation and post-expert norm maps a zero row to zero), times its zero
+    weight. bfloat16 weights: the rows and biases in float32 (small), the weights widened
+    inside the kernel."""
     expert = slots.slot_expert.contiguous()
     b13, b2 = (None if b is None else b.float().contiguous() for b in (params.b13, params.b2))
-    h13 = cpu_kernel.expert_linear(x.float().contiguous(), slots.slot_token.contiguous(), expert, params.w13, b13)
+    h13 = cpu_kernel.expert_linear(x.float().contiguous(), slots.slot_token.contiguous(), expert, params.w13, b13,
+                                   layout=layouts[0])
     hidden = apply_activation(h13, params.activation, params.interleaved).contiguous()
-    y = apply_post_norm(cpu_kernel.expert_linear(hidden, None, expert, params.w2, b2), params.post_norm)
+    y = apply_post_norm(cpu_kernel.expert_linear(hidden, None, expert, params.w2, b2, layout=layouts[1]),
+                        params.post_norm)
     return y * slots.slot_weight.to(torch.float32).unsqueeze(1)
 
 
